@@ -1,0 +1,169 @@
+"""The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
+
+Every backend module (``reference``, ``_native``, ``_triton``) exposes the same three functions
+with the same normalised arguments; the public API in ``functional.py`` does the validation,
+reshaping and broadcasting, so a backend only sees the shapes documented here.
+
+``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
+    ``mu``, ``logvar``: contiguous 1-D ``[K]``, same dtype. ``seed``: int64 0-dim tensor on
+    their device. Returns contiguous ``z`` of ``[n_samples * K]`` in their dtype, element
+    ``i = s*K + k`` being ``mu[k] + exp(½ logvar[k]) * eps[i]``, ``eps`` the noise stream of
+    DESIGN.md §3 for ``N = n_samples * K`` (float32; maths in float64 for float64 inputs).
+
+``reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar)``
+    ``grad_z``: contiguous ``[n_samples * K]``. Returns ``(grad_mu, grad_logvar)``, each
+    ``[K]`` in ``logvar``'s dtype, or an empty tensor when not needed. ε is regenerated.
+
+``elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
+       free_bits, bernoulli, reduction, grad_scale, needs_grad)``
+    Shapes: ``x [B, D]``, ``x_hat [S, B, D]`` (Gaussian mean or Bernoulli logits),
+    ``x_logvar`` None (then the constant ``x_logvar_const`` is the decoder log-variance) or
+    ``[Sl, Bl, Dl]`` with each of Sl, Bl, Dl either 1 (broadcast) or S, B, D;
+    ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both None (standard normal)
+    or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``, ``x_hat`` and ``x_logvar``
+    may each have their own floating dtype; the four latent tensors share one dtype.
+    ``beta``: 0-dim float32 tensor. ``free_bits``: float ≥ 0. ``bernoulli``: bool.
+    ``reduction``: 'none' | 'mean' | 'sum'.
+    ``grad_scale``: None, or a ``[B]`` float32 tensor of per-datapoint weights.
+    ``needs_grad``: 7 bools for (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar).
+
+    Returns ``(loss, nll, kl, kl_term, grads)``:
+      ``nll[b]`` = mean over samples of the NLL summed over D; ``kl[b]`` = analytic KL summed
+      over d; ``kl_term[b]`` = the KL term the loss uses (free bits applied: a latent dim whose
+      batch mean KL is below ``free_bits`` contributes the constant ``free_bits``);
+      ``loss`` = ``nll + beta * kl_term`` reduced (0-dim for 'mean'/'sum', ``[B]`` for 'none').
+      These are float32 (float64 when any input is float64).
+      ``grads``: a 7-tuple, entry i the gradient of ``sum_b w_b * loss_b`` with respect to
+      input i, in that input's dtype and shape, or an empty tensor where ``needs_grad[i]`` is
+      False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for 'mean' and 1 otherwise.
+      A broadcast input's gradient is summed over the dims it was broadcast along.
+"""
+import math
+
+import torch
+
+from ._philox import normal_stream
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def accumulation_dtype(*tensors) -> torch.dtype:
+    present = [t for t in tensors if t is not None]
+    return torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+
+
+def _empty(device) -> torch.Tensor:
+    return torch.empty(0, device=device)
+
+
+def _noise(seed, numel, dtype):
+    return normal_stream(seed, numel).to(dtype)
+
+
+def reparameterize_forward(mu, logvar, seed, n_samples):
+    acc = accumulation_dtype(mu)
+    eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, -1)
+    sigma = torch.exp(0.5 * logvar.to(acc))
+    return (mu.to(acc) + sigma * eps).to(mu.dtype).reshape(-1)
+
+
+def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
+    acc = accumulation_dtype(logvar)
+    grad = grad_z.to(acc).view(n_samples, -1)
+    grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else _empty(logvar.device)
+    if need_logvar:
+        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, -1)
+        half_sigma = 0.5 * torch.exp(0.5 * logvar.to(acc))
+        grad_logvar = ((grad * eps).sum(0) * half_sigma).to(logvar.dtype)
+    else:
+        grad_logvar = _empty(logvar.device)
+    return grad_mu, grad_logvar
+
+
+def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``grad`` over the dims where ``shape`` has size 1 (undoing a broadcast)."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+def _kl_elements(mu, logvar, prior_mu, prior_logvar):
+    """Per-element KL and its gradients (mu, logvar, prior_mu, prior_logvar)."""
+    var = torch.exp(logvar)
+    if prior_mu is None:
+        kl = 0.5 * (mu * mu + var - 1.0 - logvar)
+        return kl, (mu, 0.5 * (var - 1.0), None, None)
+    diff = mu - prior_mu
+    inv_prior_var = torch.exp(-prior_logvar)
+    spread = (var + diff * diff) * inv_prior_var
+    kl = 0.5 * (prior_logvar - logvar + spread - 1.0)
+    d_mu = diff * inv_prior_var
+    return kl, (d_mu, 0.5 * (var * inv_prior_var - 1.0), -d_mu, 0.5 * (1.0 - spread))
+
+
+def _nll_elements(x, x_hat, x_logvar, bernoulli):
+    """Per-element NLL and its gradients (x, x_hat, x_logvar) over ``[S, B, D]``."""
+    if bernoulli:
+        nll = torch.nn.functional.softplus(x_hat) - x * x_hat
+        return nll, (-x_hat, torch.sigmoid(x_hat) - x, None)
+    residual = x - x_hat
+    precision = torch.exp(-x_logvar)
+    scaled_sq = residual * residual * precision
+    nll = 0.5 * (scaled_sq + x_logvar + LOG_2PI)
+    d_x = residual * precision
+    return nll, (d_x, -d_x, 0.5 * (1.0 - scaled_sq))
+
+
+def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
+         free_bits, bernoulli, reduction, grad_scale, needs_grad):
+    acc = accumulation_dtype(x, x_hat, x_logvar, mu)
+    n_samples, batch, _ = x_hat.shape
+    inputs = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
+    xa, x_hat_a = x.to(acc), x_hat.to(acc)
+    if x_logvar is not None:
+        lv_x = x_logvar.to(acc)
+    else:
+        lv_x = torch.tensor(x_logvar_const, dtype=acc, device=x.device)
+    nll_el, nll_grads = _nll_elements(xa, x_hat_a, lv_x, bernoulli)
+    nll = nll_el.sum(-1).sum(0) / n_samples
+
+    latents = [t.to(acc) if t is not None else None for t in (mu, logvar, prior_mu, prior_logvar)]
+    kl_el, kl_grads = _kl_elements(*latents)
+    kl = kl_el.sum(-1)
+    if free_bits > 0:
+        active = (kl_el.mean(0) >= free_bits).to(acc)  # [d]
+        kl_term = (kl_el * active).sum(-1) + (1.0 - active).sum() * free_bits
+    else:
+        active = None
+        kl_term = kl.clone()  # outputs of an op never alias each other
+    beta_a = beta.to(acc)
+    loss_rows = nll + beta_a * kl_term
+    if reduction == "none":
+        loss = loss_rows
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = loss_rows.mean()
+
+    if grad_scale is not None:
+        weight = grad_scale.to(acc)
+    else:
+        weight = torch.full((batch,), 1.0 / batch if reduction == "mean" else 1.0,
+                            dtype=acc, device=x.device)
+    nll_weight = (weight / n_samples).view(1, batch, 1)
+    kl_weight = (beta_a * weight).view(batch, 1)
+    if active is not None:
+        kl_weight = kl_weight * active
+
+    grads = []
+    for i, tensor in enumerate(inputs):
+        if not needs_grad[i]:
+            grads.append(_empty(x.device))
+            continue
+        if i < 3:
+            grad = nll_grads[i] * nll_weight
+            if i == 0:
+                grad = grad.sum(0)
+        else:
+            grad = kl_grads[i - 3] * kl_weight
+        grads.append(_sum_to(grad, tensor.shape).to(tensor.dtype).reshape(tensor.shape))
+    return loss, nll, kl, kl_term, tuple(grads)
