@@ -10,6 +10,8 @@ import importlib
 import os
 import warnings
 
+import torch
+
 BACKENDS = ("auto", "triton", "native", "reference")
 _MODULES = {"reference": "fastvae.reference", "native": "fastvae._native", "triton": "fastvae._triton"}
 
@@ -77,26 +79,32 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _triton_runs_on(device_type):
-    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def _runs_on(name, device_type):
+    return _loads(name) and device_type in module(name).DEVICE_TYPES
 
 
 def resolve(device):
     """The concrete backend name for tensors on ``device`` under the current selection."""
-    name = get_backend()
-    if name == "triton":
-        if not _triton_runs_on(device.type):
-            raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}); set "
-                             "TRITON_INTERPRET=1 before importing fastvae to run it on CPU")
-        return name
+    return _resolve(get_backend(), device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(name, device_type):
     if name != "auto":
+        if not _loads(name):
+            raise RuntimeError(f"fastvae backend {name!r} is not available: {_load_errors[name]}")
+        if device_type not in module(name).DEVICE_TYPES:
+            hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" \
+                if name == "triton" else ""
+            raise ValueError(f"backend {name!r} does not run on {device_type} tensors{hint}")
         return name
-    candidates = ("triton", "native") if device.type == "cuda" else ("native",)
+    candidates = ("triton", "native") if device_type == "cuda" else ("native",)
     for candidate in candidates:
-        if _loads(candidate):
+        if _runs_on(candidate, device_type):
             return candidate
-    reasons = "; ".join(f"{c}: {_load_errors[c]}" for c in candidates)
-    _warn_once(device.type, f"fastvae: no fused backend for {device.type} tensors ({reasons}); "
+    reasons = "; ".join(f"{c}: {_load_errors[c] or 'not built for ' + device_type}"
+                        for c in candidates)
+    _warn_once(device_type, f"fastvae: no fused backend for {device_type} tensors ({reasons}); "
                "using the slow plain-PyTorch reference. Build the native extension with "
                "`pip install --no-build-isolation -e .`.")
     return "reference"

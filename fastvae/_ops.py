@@ -113,7 +113,7 @@ def _elbo_grad(ctx, grad_loss, *unused_grads):
         x_logvar_const, free_bits, bernoulli, backend = ctx.options
         needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5, 6, 7)]
         x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar = inputs
-        rows = grad_loss.to(torch.float32).expand(x.shape[0]).contiguous()
+        rows = grad_loss.expand(x.shape[0]).contiguous()
         if ctx.reduction == "mean":
             rows = rows / max(x.shape[0], 1)
         out = elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
@@ -131,11 +131,17 @@ def _elbo_grad(ctx, grad_loss, *unused_grads):
             prior_logvar_grad, grad_beta, None, None, None, None, None, None)
 
 
+def _traced(tensor: Tensor) -> bool:
+    """True while torch.compile / make_fx trace: values are unknown and must not be read."""
+    return (torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+            or torch._guards.detect_fake_mode((tensor,)) is not None
+            or torch._is_functional_tensor(tensor))
+
+
 def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
     """``grad`` (computed in forward with unit upstream gradient) times the upstream gradient."""
     if grad_loss.dim() == 0:
-        if grad_loss.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and grad_loss.item() == 1.0:
+        if grad_loss.device.type == "cpu" and not _traced(grad_loss) and grad_loss.item() == 1.0:
             return grad  # the usual loss.backward(): no pass over the gradient at all
         return grad * grad_loss.to(grad.dtype)
     # reduction='none': one weight per datapoint, the leading dim of every per-row gradient

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ops
+from .reference import accumulation_dtype
 from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_choice,
                           check_float_tensor, check_real, check_same_device, check_same_shape,
                           check_seed, check_sigma)
@@ -56,10 +57,10 @@ def _latent_dtype(*tensors) -> torch.dtype:
     return dtype
 
 
-def _beta_tensor(beta, device) -> Tensor:
+def _beta_tensor(beta, device, dtype) -> Tensor:
     if isinstance(beta, Tensor):
-        return beta.to(device=device, dtype=torch.float32)
-    return torch.tensor(float(beta), dtype=torch.float32, device=device)
+        return beta.to(device=device, dtype=dtype)
+    return torch.tensor(float(beta), dtype=dtype, device=device)
 
 
 def _reduce_rows(rows: Tensor, reduction: str) -> Tensor:
@@ -92,22 +93,24 @@ def _fused(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logva
     n_samples = x_hat.shape[0]
     sample_shape = (n_samples, batch) + event
     groups = (1, 1, len(event))
-    x2 = x.reshape(batch, -1).contiguous()
-    x_hat3 = x_hat.reshape(n_samples, batch, -1).contiguous()
+    features = math.prod(event)
+    x2 = x.reshape(batch, features).contiguous()
+    x_hat3 = x_hat.reshape(n_samples, batch, features).contiguous()
     lv3 = None if x_logvar is None else _grouped(x_logvar, sample_shape, groups)
 
     dtype = _latent_dtype(mu, logvar, prior_mu, prior_logvar)
     latent_shape = tuple(mu.shape)
     latent_groups = (1, len(latent_shape) - 1)
-    mu2 = mu.to(dtype).reshape(batch, -1).contiguous()
-    logvar2 = logvar.to(dtype).reshape(batch, -1).contiguous()
+    latents = math.prod(latent_shape[1:])
+    mu2 = mu.to(dtype).reshape(batch, latents).contiguous()
+    logvar2 = logvar.to(dtype).reshape(batch, latents).contiguous()
     priors = (None, None)
     if prior_mu is not None or prior_logvar is not None:
         zeros = mu.new_zeros((), dtype=dtype)
         grouped = [_grouped((p if p is not None else zeros).to(dtype), latent_shape, latent_groups)
                    for p in (prior_mu, prior_logvar)]
         rows = max(p.shape[0] for p in grouped)  # both per datapoint if either is
-        priors = tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in grouped)
+        priors = tuple(p.expand(rows, latents).contiguous() for p in grouped)
 
     inputs = (x2, x_hat3, lv3, mu2, logvar2) + priors
     originals = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
@@ -117,8 +120,9 @@ def _fused(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logva
     needs_grad = [_needs_grad(orig) and not (reduction == "none" and t.shape[dim] != batch)
                   for orig, t, dim in zip(originals, inputs, row_dims)]
     backend = _backends.resolve(x.device)
+    loss_dtype = accumulation_dtype(x, x_hat, x_logvar, mu2)
     return _ops.elbo(x2, x_hat3, lv3, x_logvar_const, mu2, logvar2, priors[0], priors[1],
-                     _beta_tensor(beta, x.device), float(free_bits), bernoulli, reduction, None,
+                     _beta_tensor(beta, x.device, loss_dtype), float(free_bits), bernoulli, reduction, None,
                      needs_grad, backend)
 
 
@@ -191,8 +195,9 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,
     groups = (len(lead), 1)
     priors = [None if p is None else _grouped(p, mu.shape, groups) for p in (prior_mu, prior_logvar)]
     empty = mu.new_empty(rows, 0)
-    outputs = _fused(empty, empty.unsqueeze(0), None, 0.0, mu.reshape(rows, -1),
-                     logvar.reshape(rows, -1), *priors, 1.0, 0.0, False, "none")
+    flat = (rows, mu.shape[-1])
+    outputs = _fused(empty, empty.unsqueeze(0), None, 0.0, mu.reshape(flat), logvar.reshape(flat),
+                     *priors, 1.0, 0.0, False, "none")
     return outputs[0].view(lead)
 
 

@@ -1,7 +1,7 @@
 """The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
 
-Every backend module (``reference``, ``_native``, ``_triton``) exposes the same three functions
-with the same normalised arguments; the public API in ``functional.py`` does the validation,
+Every backend module (``reference``, ``_native``, ``_triton``) exposes ``DEVICE_TYPES`` (the
+device types it runs on) and the same three functions with the same normalised arguments; the public API in ``functional.py`` does the validation,
 reshaping and broadcasting, so a backend only sees the shapes documented here.
 
 ``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
@@ -22,9 +22,10 @@ reshaping and broadcasting, so a backend only sees the shapes documented here.
     ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both None (standard normal)
     or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``, ``x_hat`` and ``x_logvar``
     may each have their own floating dtype; the four latent tensors share one dtype.
-    ``beta``: 0-dim float32 tensor. ``free_bits``: float ≥ 0. ``bernoulli``: bool.
+    ``beta``: 0-dim tensor in the loss dtype (float32; float64 when any input is float64). ``free_bits``: float ≥ 0. ``bernoulli``: bool.
     ``reduction``: 'none' | 'mean' | 'sum'.
-    ``grad_scale``: None, or a ``[B]`` float32 tensor of per-datapoint weights.
+    ``grad_scale``: None, or a ``[B]`` tensor of per-datapoint weights in the loss dtype
+    (float32; float64 when any input is float64).
     ``needs_grad``: 7 bools for (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar).
 
     Returns ``(loss, nll, kl, kl_term, grads)``:
@@ -45,6 +46,7 @@ import torch
 from ._philox import normal_stream
 
 LOG_2PI = math.log(2.0 * math.pi)
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def accumulation_dtype(*tensors) -> torch.dtype:
@@ -62,17 +64,17 @@ def _noise(seed, numel, dtype):
 
 def reparameterize_forward(mu, logvar, seed, n_samples):
     acc = accumulation_dtype(mu)
-    eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, -1)
+    eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, mu.numel())
     sigma = torch.exp(0.5 * logvar.to(acc))
     return (mu.to(acc) + sigma * eps).to(mu.dtype).reshape(-1)
 
 
 def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
     acc = accumulation_dtype(logvar)
-    grad = grad_z.to(acc).view(n_samples, -1)
+    grad = grad_z.to(acc).view(n_samples, logvar.numel())
     grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else _empty(logvar.device)
     if need_logvar:
-        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, -1)
+        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, logvar.numel())
         half_sigma = 0.5 * torch.exp(0.5 * logvar.to(acc))
         grad_logvar = ((grad * eps).sum(0) * half_sigma).to(logvar.dtype)
     else:
@@ -147,7 +149,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
     if grad_scale is not None:
         weight = grad_scale.to(acc)
     else:
-        weight = torch.full((batch,), 1.0 / batch if reduction == "mean" else 1.0,
+        weight = torch.full((batch,), 1.0 / max(batch, 1) if reduction == "mean" else 1.0,
                             dtype=acc, device=x.device)
     nll_weight = (weight / n_samples).view(1, batch, 1)
     kl_weight = (beta_a * weight).view(batch, 1)

@@ -1,0 +1,201 @@
+"""Empty batches, non-contiguous inputs, grad mode, the memory rule, and the op registration."""
+import pytest
+import torch
+
+import fastvae
+from fastvae import _backends, _ops
+from cases import CASES, build, differentiable
+
+
+def test_empty_batch(backend):
+    x = torch.empty(0, 3, 4)
+    x_hat = torch.empty(2, 0, 3, 4, requires_grad=True)
+    mu = torch.empty(0, 5, requires_grad=True)
+    logvar = torch.empty(0, 5, requires_grad=True)
+    x_logvar = torch.zeros(3, 4, requires_grad=True)
+    for reduction, shape in (("none", (0,)), ("sum", ()), ("mean", ())):
+        loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, reduction=reduction,
+                                 free_bits=0.1)
+        assert loss.shape == shape
+        if reduction == "sum":
+            assert loss.item() == 0.0
+        loss.sum().backward()
+    assert x_hat.grad.shape == x_hat.shape and mu.grad.shape == mu.shape
+    assert torch.equal(x_logvar.grad, torch.zeros(3, 4))
+    assert fastvae.gaussian_kl(mu, logvar).shape == (0,)
+    assert fastvae.gaussian_nll(x, x_hat).shape == (0,)
+    assert fastvae.bernoulli_nll(x, x_hat[0]).shape == (0,)
+    assert fastvae.reparameterize(mu, logvar, 3).shape == (3, 0, 5)
+
+
+def test_empty_event_and_latent(backend):
+    mu = torch.randn(4, 3, requires_grad=True)
+    x = torch.empty(4, 0)
+    loss = fastvae.elbo_loss(x, x.clone(), mu, mu.detach().clone(), reduction="none")
+    torch.testing.assert_close(loss, fastvae.gaussian_kl(mu, mu.detach()))
+
+
+def test_non_contiguous_inputs(backend):
+    case = [c for c in CASES if c.name == "samples_datapoint"][0]
+    args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    # the same values laid out transposed / strided in memory
+    x_hat = args[1].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    mu = torch.zeros(5, 6)[:, ::2].copy_(args[2].detach()).requires_grad_()
+    x_logvar = kwargs["x_logvar"].detach().permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0).requires_grad_()
+    assert not (x_hat.is_contiguous() or mu.is_contiguous() or x_logvar.is_contiguous())
+    strided = fastvae.elbo_loss(args[0], x_hat, mu, args[3], x_logvar=x_logvar)
+    dense = fastvae.elbo_loss(*args, **kwargs)
+    torch.testing.assert_close(strided, dense, rtol=0, atol=0)
+    strided.backward()
+    dense.backward()
+    for a, b in ((x_hat, args[1]), (mu, args[2]), (x_logvar, kwargs["x_logvar"])):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_repeatable_bitwise(backend):
+    case = [c for c in CASES if c.name == "free_bits_prior"][0]
+    results = []
+    for _ in range(2):
+        args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(6))
+        loss = fastvae.elbo_loss(*args, **kwargs)
+        loss.backward()
+        results.append([loss] + [t.grad for _, t in differentiable(args, kwargs)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# grad mode and the memory rule (DESIGN.md §4)
+# ----------------------------------------------------------------------------------------------
+class SavedTensors:
+    """Records every tensor autograd saves while active."""
+
+    def __init__(self):
+        self.saved = []
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def _pack(self, tensor):
+        self.saved.append(tensor)
+        return tensor
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def spy_needs_grad(monkeypatch, backend):
+    """Record the ``needs_grad`` flags each call of the backend's elbo receives."""
+    module = _backends.module(backend)
+    calls, original = [], module.elbo
+
+    def spy(*args):
+        calls.append(list(args[-1]))
+        return original(*args)
+
+    monkeypatch.setattr(module, "elbo", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_memory_rule_loss(backend, reduction, monkeypatch):
+    batch, event, latent = 6, 40, 3
+    x = torch.randn(batch, event)
+    x_hat = torch.randn(2, batch, event, requires_grad=True)
+    x_logvar = torch.randn(2, batch, event, requires_grad=True)
+    mu = torch.randn(batch, latent, requires_grad=True)
+    logvar = torch.randn(batch, latent, requires_grad=True)
+    with SavedTensors() as record:
+        loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, free_bits=0.1,
+                                 reduction=reduction)
+    gradient_shapes = {t.shape for t in (x_hat, x_logvar, mu, logvar)}
+    for tensor in record.saved:
+        assert tensor.numel() <= batch or tensor.shape in gradient_shapes, tensor.shape
+    saved_bytes = sum(t.numel() * t.element_size() for t in record.saved)
+    input_bytes = sum(t.numel() * t.element_size() for t in (x_hat, x_logvar, mu, logvar))
+    assert saved_bytes <= input_bytes + 4 * batch * 8 + 64
+    loss.sum().backward()
+
+
+def test_memory_rule_sampling(backend):
+    mu = torch.randn(64, 8, requires_grad=True)
+    logvar = torch.randn(64, 8, requires_grad=True)
+    with SavedTensors() as record:
+        z = fastvae.reparameterize(mu, logvar, 4)
+    assert z.numel() == 4 * mu.numel()
+    assert all(t.numel() <= mu.numel() for t in record.saved)
+    assert any(t is logvar or t.data_ptr() == logvar.data_ptr() for t in record.saved)
+
+
+def test_no_gradients_computed_without_grad(backend, monkeypatch):
+    calls = spy_needs_grad(monkeypatch, backend)
+    x = torch.randn(3, 4)
+    x_hat, mu, logvar = (torch.randn(3, 4, requires_grad=True), torch.randn(3, 2, requires_grad=True),
+                         torch.randn(3, 2, requires_grad=True))
+    with torch.no_grad(), SavedTensors() as record:
+        fastvae.elbo_loss(x, x_hat, mu, logvar)
+    fastvae.elbo_loss(x, x_hat.detach(), mu.detach(), logvar.detach())
+    fastvae.elbo_loss(x, x_hat, mu.detach(), logvar.detach())
+    assert record.saved == []
+    assert calls == [[False] * 7, [False] * 7, [False, True] + [False] * 5]
+
+
+def test_shared_inputs_with_reduction_none_recompute_in_backward(backend, monkeypatch):
+    """An input shared by all datapoints cannot get its gradient in forward under 'none'."""
+    calls = spy_needs_grad(monkeypatch, backend)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x_hat = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x_logvar = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    mu, logvar = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, reduction="none")
+    loss.backward(torch.arange(3.0, dtype=torch.float64))
+    assert calls[0][:3] == [False, True, False] and calls[1][:3] == [False, True, True]
+    want = sum(w * torch.autograd.grad(fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar,
+                                                         reduction="none")[i], x_logvar)[0]
+               for i, w in enumerate(range(3)))
+    torch.testing.assert_close(x_logvar.grad, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registered ops
+# ----------------------------------------------------------------------------------------------
+def test_opcheck_elbo(backend):
+    case = [c for c in CASES if c.name == "samples_event"][0]
+    args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    x, x_hat, mu, logvar = (a.detach() for a in args)
+    op_args = (x.reshape(5, -1), x_hat.reshape(3, 5, -1).requires_grad_(),
+               kwargs["x_logvar"].detach().reshape(1, 1, -1).requires_grad_(), 0.0,
+               mu.requires_grad_(), logvar.requires_grad_(), None, None, torch.tensor(0.5), 0.2,
+               False, "mean", None, [False, True, True, True, True, False, False], backend)
+    torch.library.opcheck(_ops.elbo, op_args)
+    torch.library.opcheck(_ops.elbo, op_args[:11] + ("none", torch.rand(5)) + ([False] * 7, backend))
+
+
+def test_opcheck_reparameterize(backend):
+    mu, logvar = torch.randn(12, requires_grad=True), torch.randn(12, requires_grad=True)
+    torch.library.opcheck(_ops.reparameterize, (mu, logvar, torch.tensor(3), 2, backend))
+    torch.library.opcheck(_ops.reparameterize_backward,
+                          (torch.randn(24), logvar.detach(), torch.tensor(3), 2, backend, True, True))
+
+
+def test_compiles_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    x = torch.randn(4, 6)
+    x_hat = torch.randn(4, 6, requires_grad=True)
+    mu, logvar = torch.randn(4, 2, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    beta = torch.tensor(0.5)
+
+    def step(x, x_hat, mu, logvar, beta):
+        z = fastvae.reparameterize(mu, logvar, seed=3)
+        return fastvae.elbo_loss(x, x_hat + z.sum(), mu, logvar, beta=beta)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(x, x_hat, mu, logvar, beta)
+    want = step(x, x_hat, mu, logvar, beta)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, (x_hat, mu, logvar))
+    want_grads = torch.autograd.grad(want, (x_hat, mu, logvar))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
