@@ -1,0 +1,67 @@
+// A vector-then-scalar loop: the same generic body runs on Vectorized<acc_t> over full vectors
+// and on acc_t over the tail, so both paths use the one shared formula.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace fastvae {
+
+template <typename T, typename S>
+T load_as(const S* pointer) {
+  if constexpr (std::is_same_v<T, S>) {
+    return *pointer;
+  } else {
+    return T::loadu(pointer);
+  }
+}
+
+template <typename T, typename S>
+void store_as(const T& value, S* pointer) {
+  if constexpr (std::is_same_v<T, S>) {
+    *pointer = value;
+  } else {
+    value.store(pointer);
+  }
+}
+
+template <typename acc_t>
+acc_t sum_lanes(const at::vec::Vectorized<acc_t>& value) {
+  alignas(64) acc_t lanes[at::vec::Vectorized<acc_t>::size()];
+  value.store(lanes);
+  acc_t total = 0;
+  for (acc_t lane : lanes) total += lane;
+  return total;
+}
+
+// Runs body(i, accumulator) for every element i in [0, n): a vector at a time with a
+// Vectorized<acc_t> accumulator, then one at a time with an acc_t one. Returns the total.
+template <typename acc_t, typename Body>
+acc_t vectorized_sum(int64_t n, Body&& body) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec vector_total(acc_t(0));
+  acc_t scalar_total = 0;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) body(i, vector_total);
+  for (; i < n; ++i) body(i, scalar_total);
+  return sum_lanes(vector_total) + scalar_total;
+}
+
+// Names the value type of a vectorized_for body: `using T = typename decltype(width)::type`.
+template <typename T>
+struct Width {
+  using type = T;
+};
+
+// Runs body(i, Width<T>{}) for every i in [0, n): T = Vectorized<acc_t> a vector at a time,
+// then T = acc_t over the tail.
+template <typename acc_t, typename Body>
+void vectorized_for(int64_t n, Body&& body) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) body(i, Width<Vec>{});
+  for (; i < n; ++i) body(i, Width<acc_t>{});
+}
+
+}  // namespace fastvae

@@ -1,0 +1,175 @@
+// Reparameterised sampling on the CPU: z = mu + exp(½·logvar)·ε with ε from the noise stream,
+// and its backward, which regenerates ε from the seed instead of storing it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../elementwise.h"
+#include "loops.h"
+#include "noise.h"
+#include "tiles.h"
+
+namespace fastvae {
+namespace {
+
+// Noise blocks per parallel task, so small calls run on one thread.
+constexpr int64_t kNoiseBlocksPerTask = 8;
+
+uint64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.is_cpu(),
+              "fastvae_native: seed must be a 0-dim int64 CPU tensor, got ", seed.sizes(), " ",
+              seed.scalar_type(), " on ", seed.device());
+  return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+}
+
+void check_vector(const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.dim() == 1 && tensor.is_contiguous() && tensor.is_floating_point(),
+              "fastvae_native: ", name, " must be a contiguous 1-D floating tensor, got ",
+              tensor.sizes(), " ", tensor.scalar_type());
+}
+
+// Runs visit(i, eps, n) over the whole stream of `numel` normals, in parallel, in pieces that
+// stay within one row of length `row`.
+template <typename Visit>
+void parallel_noise(uint64_t seed, int64_t numel, int64_t row, const Visit& visit) {
+  const int64_t calls = philox_quarter(numel);
+  const int64_t blocks = (calls + kNoiseBlock - 1) / kNoiseBlock;
+  at::parallel_for(0, blocks, kNoiseBlocksPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * kNoiseBlock;
+      for_each_noise_piece(seed, numel, row, first, std::min(kNoiseBlock, calls - first), visit);
+    }
+  });
+}
+
+template <typename acc_t>
+void sample(const at::Tensor& mu, const at::Tensor& logvar, uint64_t seed, at::Tensor& z) {
+  const int64_t latent = mu.numel();
+  const c10::ScalarType type = mu.scalar_type();
+  const void* mu_data = mu.const_data_ptr();
+  const void* logvar_data = logvar.const_data_ptr();
+  void* z_data = z.mutable_data_ptr();
+  parallel_noise(seed, z.numel(), latent, [&](int64_t i, const float* noise, int64_t n) {
+    alignas(64) acc_t mu_buffer[kNoiseBlock], logvar_buffer[kNoiseBlock];
+    alignas(64) acc_t eps_buffer[kNoiseBlock], z_buffer[kNoiseBlock];
+    const int64_t k = i % latent;
+    const acc_t* mu_tile = load_tile(advance(mu_data, type, k), type, n, mu_buffer);
+    const acc_t* logvar_tile = load_tile(advance(logvar_data, type, k), type, n, logvar_buffer);
+    const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
+    acc_t* z_tile = tile_target(advance(z_data, type, i), type, z_buffer);
+    vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
+      using T = typename decltype(width)::type;
+      store_as(reparameterized_sample(load_as<T>(mu_tile + e), load_as<T>(logvar_tile + e),
+                                      load_as<T>(eps + e)),
+               z_tile + e);
+    });
+    store_tile(z_tile, n, advance(z_data, type, i), type);
+  });
+}
+
+// grad_mu[k] = Σ_s g[s,k];  grad_logvar[k] = ½·exp(½·logvar[k])·Σ_s g[s,k]·ε[s,k].
+// The products g·ε are formed per noise block, then summed over s in order per k, so the
+// result does not depend on how the blocks were spread over threads.
+template <typename acc_t>
+void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_t seed,
+                     int64_t samples, at::Tensor& grad_mu, at::Tensor& grad_logvar) {
+  const int64_t latent = logvar.numel();
+  const int64_t numel = grad_z.numel();
+  const c10::ScalarType grad_type = grad_z.scalar_type();
+  const c10::ScalarType type = logvar.scalar_type();
+  const void* grad_data = grad_z.const_data_ptr();
+  const bool need_mu = grad_mu.defined(), need_logvar = grad_logvar.defined();
+
+  at::Tensor products;
+  if (need_logvar) {
+    products = at::empty({numel}, grad_z.options().dtype(scalar_type_of<acc_t>()));
+    acc_t* product_data = products.mutable_data_ptr<acc_t>();
+    parallel_noise(seed, numel, latent, [&](int64_t i, const float* noise, int64_t n) {
+      alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
+      const acc_t* grad = load_tile(advance(grad_data, grad_type, i), grad_type, n, grad_buffer);
+      const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
+      vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
+        using T = typename decltype(width)::type;
+        store_as(load_as<T>(grad + e) * load_as<T>(eps + e), product_data + i + e);
+      });
+    });
+  }
+
+  const acc_t* product_data = need_logvar ? products.const_data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, latent, kTile, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t mu_sum[kTile], product_sum[kTile], grad_buffer[kTile], logvar_buffer[kTile];
+    for (int64_t k0 = begin; k0 < end; k0 += kTile) {
+      const int64_t n = std::min(kTile, end - k0);
+      std::fill(mu_sum, mu_sum + n, acc_t(0));
+      std::fill(product_sum, product_sum + n, acc_t(0));
+      for (int64_t s = 0; s < samples; ++s) {
+        const int64_t row = s * latent + k0;
+        if (need_mu) {
+          const acc_t* grad = load_tile(advance(grad_data, grad_type, row), grad_type, n, grad_buffer);
+          for (int64_t e = 0; e < n; ++e) mu_sum[e] += grad[e];
+        }
+        if (need_logvar) {
+          for (int64_t e = 0; e < n; ++e) product_sum[e] += product_data[row + e];
+        }
+      }
+      if (need_mu) store_tile(mu_sum, n, advance(grad_mu.mutable_data_ptr(), type, k0), type);
+      if (need_logvar) {
+        const acc_t* logvar_tile =
+            load_tile(advance(logvar.const_data_ptr(), type, k0), type, n, logvar_buffer);
+        for (int64_t e = 0; e < n; ++e) {
+          product_sum[e] *= acc_t(0.5) * MathOps<acc_t>::exp(acc_t(0.5) * logvar_tile[e]);
+        }
+        store_tile(product_sum, n, advance(grad_logvar.mutable_data_ptr(), type, k0), type);
+      }
+    }
+  });
+}
+
+at::Tensor reparameterize_cpu(const at::Tensor& mu, const at::Tensor& logvar,
+                              const at::Tensor& seed, int64_t n_samples) {
+  check_vector("mu", mu);
+  check_vector("logvar", logvar);
+  TORCH_CHECK(mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(),
+              "fastvae_native: mu and logvar must match in shape and dtype, got ", mu.sizes(),
+              " ", mu.scalar_type(), " and ", logvar.sizes(), " ", logvar.scalar_type());
+  TORCH_CHECK(n_samples >= 1, "fastvae_native: n_samples must be >= 1, got ", n_samples);
+  const uint64_t seed_value = read_seed(seed);
+  at::Tensor z = at::empty({n_samples * mu.numel()}, mu.options());
+  if (mu.scalar_type() == at::kDouble) {
+    sample<double>(mu, logvar, seed_value, z);
+  } else {
+    sample<float>(mu, logvar, seed_value, z);
+  }
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
+    const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed, int64_t n_samples,
+    bool need_mu, bool need_logvar) {
+  check_vector("grad_z", grad_z);
+  check_vector("logvar", logvar);
+  TORCH_CHECK(n_samples >= 1 && grad_z.numel() == n_samples * logvar.numel(),
+              "fastvae_native: grad_z must have n_samples * logvar.numel() elements, got ",
+              grad_z.numel(), " for n_samples=", n_samples, " and logvar ", logvar.sizes());
+  const uint64_t seed_value = read_seed(seed);
+  const auto make = [&](bool needed) {
+    return needed ? at::empty_like(logvar) : at::empty({0}, logvar.options());
+  };
+  at::Tensor grad_mu = make(need_mu), grad_logvar = make(need_logvar);
+  at::Tensor mu_target = need_mu ? grad_mu : at::Tensor();
+  at::Tensor logvar_target = need_logvar ? grad_logvar : at::Tensor();
+  if (logvar.scalar_type() == at::kDouble) {
+    sample_backward<double>(grad_z, logvar, seed_value, n_samples, mu_target, logvar_target);
+  } else {
+    sample_backward<float>(grad_z, logvar, seed_value, n_samples, mu_target, logvar_target);
+  }
+  return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+}  // namespace fastvae
+
+TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
+  m.impl("reparameterize", &fastvae::reparameterize_cpu);
+  m.impl("reparameterize_backward", &fastvae::reparameterize_backward_cpu);
+}

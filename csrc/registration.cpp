@@ -1,0 +1,36 @@
+// The native ops' schemas, and the Python module `fastvae._C` whose import loads them.
+// Kernels register themselves per device: cpu/*.cpp for CPU, cuda/*.cu for CUDA.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastvae_native, m) {
+  m.def("reparameterize(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> Tensor");
+  m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed, int n_samples, "
+        "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
+  m.def("elbo(Tensor x, Tensor x_hat, Tensor? x_logvar, float x_logvar_const, Tensor mu, "
+        "Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, float free_bits, "
+        "bool bernoulli, str reduction, Tensor? grad_scale, bool[7] needs_grad) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+namespace {
+// Whether this build registered CUDA kernels; defined by the build (see CMakeLists.txt).
+#ifdef FASTVAE_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+PyModuleDef module_definition = {PyModuleDef_HEAD_INIT, "_C",
+                                 "fastvae's native kernels (ops under torch.ops.fastvae_native)", -1,
+                                 nullptr};
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&module_definition);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
