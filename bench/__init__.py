@@ -1,0 +1,3 @@
+"""fastvae benchmarks: the fused VAE loss against plain PyTorch, torch.distributions and
+torch.compile (``python -m bench``), and end-to-end training (``python -m bench.e2e``).
+See bench/README.md."""

@@ -1,0 +1,160 @@
+"""Kernel benchmark: reparameterize + elbo_loss, forward / backward / forward+backward, for
+every fastvae backend on the device against plain PyTorch, torch.distributions and
+torch.compile, side by side in one process. ``python -m bench --help``."""
+import argparse
+import sys
+
+import torch
+from tqdm import tqdm
+
+from . import measure, report
+from .implementations import all_implementations
+from .workloads import (DECODERS, DTYPES, FULL_BATCHES, FULL_EVENTS, FULL_LATENTS, default_cases,
+                        make_inputs, sweep_cases)
+
+MEMORY_HEADROOM = 0.7  # use at most this share of the free memory for one case
+
+
+def free_memory_bytes(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true",
+                        help="the full sweep over B, D, d, decoder and dtype (hours on 2 CPU cores)")
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    words = lambda text: text.split(",")  # noqa: E731
+    parser.add_argument("--batch", type=ints, help=f"B values, comma-separated (full: {FULL_BATCHES})")
+    parser.add_argument("--event", type=ints, help=f"D values (full: {FULL_EVENTS})")
+    parser.add_argument("--latent", type=ints, help=f"d values (full: {FULL_LATENTS})")
+    parser.add_argument("--decoder", type=words, help=f"of {DECODERS}")
+    parser.add_argument("--dtype", type=words, help=f"of {tuple(DTYPES)}")
+    parser.add_argument("--impl", type=words,
+                        help="only these implementations, e.g. fastvae-native,plain")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-reps", type=int, default=7)
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="keep repeating until this much forward+backward time")
+    parser.add_argument("--out-dir", type=report.Path, default=report.RESULTS_DIR)
+    parser.add_argument("--no-plots", action="store_true")
+    return parser.parse_args(argv)
+
+
+def selected_cases(args):
+    sweep_flags = (args.batch, args.event, args.latent, args.decoder, args.dtype)
+    if not args.full and all(flag is None for flag in sweep_flags):
+        return default_cases()
+    # --full, or a custom sweep: flags not given take the full sweep's values with --full,
+    # else the default case's (D=3072, d=64, x_logvar, float32; B from the default sweep).
+    defaults = ((FULL_BATCHES, FULL_EVENTS, FULL_LATENTS, DECODERS, tuple(DTYPES)) if args.full
+                else ((256, 1024, 4096), (3072,), (64,), ("x_logvar",), ("float32",)))
+    return sweep_cases(*(flag or default for flag, default in zip(sweep_flags, defaults)))
+
+
+def benchmark_case(case, implementation, device, clock, args):
+    """Result rows (one per phase) of one implementation on one case."""
+    inputs = make_inputs(case, device)
+    implementation.reset()
+    first_ms = measure.first_call_ms(implementation, inputs, clock)
+    measure.first_call_ms(implementation, inputs, clock)  # warm-up
+    saved, saved_extra = measure.saved_for_backward_bytes(implementation, inputs)
+    peak = measure.peak_memory_bytes(implementation, inputs, clock)
+    load = measure.other_processes_load()
+    if load is not None:
+        load.start()
+    samples = measure.time_phases(implementation, inputs, clock, args.min_reps, args.min_seconds)
+    other_cores = None if load is None else load.stop()
+    rows = []
+    for phase in measure.PHASES:
+        stats = measure.summarise(samples[phase])
+        bound_bytes = case.bound_bytes(phase)
+        rows.append({"phase": phase, **stats, "bound_bytes": bound_bytes,
+                     "gbps": bound_bytes / (stats["median_ms"] * 1e-3) / 1e9,
+                     "peak_mem_bytes": peak, "saved_bytes": saved,
+                     "saved_extra_bytes": saved_extra, "first_call_ms": first_ms,
+                     "other_cpu_cores": other_cores})
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    clock = measure.Clock(device)
+    env = report.environment(device)
+    implementations = [impl for impl in all_implementations(device)
+                       if args.impl is None or impl.name in args.impl]
+    cases = selected_cases(args)
+    print(f"{env['cpu']}, {env['cores']} cores, device {env['device']}, allocator "
+          f"{env['allocator']}; torch {env['torch']}, fastvae {env['fastvae']} (backends: "
+          f"{env['backends']}), python {env['python']}")
+    copy_gbps = measure.copy_bandwidth_gbps(device)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(cases)} cases x "
+          f"{len(implementations)} implementations: {', '.join(i.name for i in implementations)}")
+
+    rows, skipped = [], []
+    jobs = [(case, impl) for case in cases for impl in implementations]
+    for case, implementation in tqdm(jobs, desc="kernels", unit="run", file=sys.stderr):
+        needed = implementation.peak_batch_by_event_tensors * case.batch_by_event_bytes()
+        if needed > MEMORY_HEADROOM * free_memory_bytes(device):
+            skipped.append(f"{implementation.name} at {case.label()} (needs ~{needed / 2**30:.1f} GiB)")
+            continue
+        for row in benchmark_case(case, implementation, device, clock, args):
+            bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3
+            rows.append({**env, "copy_gbps": copy_gbps, "batch": case.batch, "event": case.event,
+                         "latent": case.latent, "decoder": case.decoder, "dtype": case.dtype,
+                         "series": case.series(), "implementation": implementation.name,
+                         **row, "bound_ms": bound_ms, "x_bound": row["median_ms"] / bound_ms})
+
+    tag = report.allocator_tag() + ("_full" if args.full else "")
+    csv_path = args.out_dir / f"kernels_{tag}.csv"
+    report.write_csv(rows, csv_path)
+    print_summary(rows, copy_gbps, env)
+    for line in skipped:
+        print(f"skipped (memory estimate): {line}")
+    plots = [] if args.no_plots else report.plot_batch_sweeps(rows, args.out_dir, tag, copy_gbps)
+    print(f"\nCSV: {csv_path}")
+    for path in plots:
+        print(f"plot: {path}")
+    return rows
+
+
+def print_summary(rows, copy_gbps, env):
+    by_run = {}
+    for row in rows:
+        key = (row["series"], row["batch"], row["implementation"])
+        by_run.setdefault(key, {"case": f"{row['dtype']} {row['decoder']} B={row['batch']} "
+                                        f"D={row['event']} d={row['latent']}",
+                                "implementation": row["implementation"]})
+        summary = by_run[key]
+        summary[row["phase"]] = row["median_ms"]
+        if row["phase"] == "forward+backward":
+            summary.update(spread=f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}", gbps=row["gbps"],
+                           x_bound=row["x_bound"], bound_ms=row["bound_ms"],
+                           peak_mib=None if row["peak_mem_bytes"] is None
+                           else row["peak_mem_bytes"] / 2**20,
+                           saved_mib=row["saved_extra_bytes"] / 2**20,
+                           other_cores=row["other_cpu_cores"])
+    columns = [("case", "case", "s"), ("implementation", "implementation", "s"),
+               ("fwd ms", "forward", ".1f"), ("bwd ms", "backward", ".1f"),
+               ("fwd+bwd ms", "forward+backward", ".1f"), ("p20-p80", "spread", "s"),
+               ("bound ms", "bound_ms", ".1f"), ("GB/s", "gbps", ".1f"),
+               ("x bound", "x_bound", ".1f"), ("peak MiB", "peak_mib", ".0f"),
+               ("saved MiB", "saved_mib", ".0f"), ("others' cores", "other_cores", ".2f")]
+    report.print_table(f"median times on {env['device']} ({env['cpu']}), allocator "
+                       f"{env['allocator']}, copy bandwidth {copy_gbps:.1f} GB/s, {env['date']}",
+                       columns, list(by_run.values()))
+    print("x bound = fwd+bwd median / (bytes read and written once / copy bandwidth); peak = "
+          "rise of resident memory (CPU) or allocated bytes (CUDA) in one fwd+bwd; saved = "
+          "bytes saved for backward beyond the inputs' own storage; others' cores = CPU "
+          "used by other processes while timing (noise: anything above ~0.1 disturbs 2 cores).")
+
+
+if __name__ == "__main__":
+    main()
