@@ -102,17 +102,26 @@ def _kl_elements(mu, logvar, prior_mu, prior_logvar):
     return kl, (d_mu, 0.5 * (var * inv_prior_var - 1.0), -d_mu, 0.5 * (1.0 - spread))
 
 
-def _nll_elements(x, x_hat, x_logvar, bernoulli):
-    """Per-element NLL and its gradients (x, x_hat, x_logvar) over ``[S, B, D]``."""
+def _nll_rows_and_grads(x, x_hat, x_logvar, bernoulli, weight, needs_grad):
+    """NLL summed over D, ``[S, B]``, and the weighted per-element gradients of (x, x_hat,
+    x_logvar) over ``[S, B, D]`` (None where not needed). Works in place where it can: this
+    backend is also the fallback, and every B×D temporary costs a pass and its page faults."""
+    need_x, need_x_hat, need_x_logvar = needs_grad[:3]
     if bernoulli:
-        nll = torch.nn.functional.softplus(x_hat) - x * x_hat
-        return nll, (-x_hat, torch.sigmoid(x_hat) - x, None)
+        rows = (torch.nn.functional.softplus(x_hat) - x * x_hat).sum(-1)
+        d_x = -x_hat * weight if need_x else None
+        d_x_hat = (torch.sigmoid(x_hat) - x).mul_(weight) if need_x_hat else None
+        return rows, (d_x, d_x_hat, None)
     residual = x - x_hat
-    precision = torch.exp(-x_logvar)
-    scaled_sq = residual * residual * precision
-    nll = 0.5 * (scaled_sq + x_logvar + LOG_2PI)
-    d_x = residual * precision
-    return nll, (d_x, -d_x, 0.5 * (1.0 - scaled_sq))
+    d_x = residual * torch.exp(-x_logvar)       # ∂/∂x of the NLL, = −∂/∂x_hat
+    scaled_sq = residual.mul_(d_x)              # (x − m)²·e^−lv
+    features = x_hat.shape[-1]
+    logvar_rows = x_logvar.sum(-1) * (features / x_logvar.shape[-1]) if x_logvar.dim() else \
+        x_logvar * features
+    rows = 0.5 * (scaled_sq.sum(-1) + logvar_rows + features * LOG_2PI)
+    d_x_logvar = scaled_sq.neg_().add_(1.0).mul_(0.5 * weight) if need_x_logvar else None
+    d_x = d_x.mul_(weight) if need_x or need_x_hat else None
+    return rows, (d_x, None if d_x is None or not need_x_hat else -d_x, d_x_logvar)
 
 
 def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
@@ -125,8 +134,14 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
         lv_x = x_logvar.to(acc)
     else:
         lv_x = torch.tensor(x_logvar_const, dtype=acc, device=x.device)
-    nll_el, nll_grads = _nll_elements(xa, x_hat_a, lv_x, bernoulli)
-    nll = nll_el.sum(-1).sum(0) / n_samples
+    if grad_scale is not None:
+        weight = grad_scale.to(acc)
+    else:
+        weight = torch.full((batch,), 1.0 / max(batch, 1) if reduction == "mean" else 1.0,
+                            dtype=acc, device=x.device)
+    nll_weight = (weight / n_samples).view(1, batch, 1)
+    nll_rows, nll_grads = _nll_rows_and_grads(xa, x_hat_a, lv_x, bernoulli, nll_weight, needs_grad)
+    nll = nll_rows.sum(0) / n_samples
 
     latents = [t.to(acc) if t is not None else None for t in (mu, logvar, prior_mu, prior_logvar)]
     kl_el, kl_grads = _kl_elements(*latents)
@@ -146,12 +161,6 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
     else:
         loss = loss_rows.mean()
 
-    if grad_scale is not None:
-        weight = grad_scale.to(acc)
-    else:
-        weight = torch.full((batch,), 1.0 / max(batch, 1) if reduction == "mean" else 1.0,
-                            dtype=acc, device=x.device)
-    nll_weight = (weight / n_samples).view(1, batch, 1)
     kl_weight = (beta_a * weight).view(batch, 1)
     if active is not None:
         kl_weight = kl_weight * active
@@ -162,7 +171,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
             grads.append(_empty(x.device))
             continue
         if i < 3:
-            grad = nll_grads[i] * nll_weight
+            grad = nll_grads[i]
             if i == 0:
                 grad = grad.sum(0)
         else:

@@ -14,8 +14,8 @@ LOGVAR = torch.randn(4, 3)
 
 def elbo(**overrides):
     args = {"x": X, "x_hat": X_HAT, "mu": MU, "logvar": LOGVAR, **overrides}
-    return lambda: fastvae.elbo_loss(args.pop("x"), args.pop("x_hat"), args.pop("mu"),
-                                     args.pop("logvar"), **args)
+    keywords = {k: v for k, v in args.items() if k not in ("x", "x_hat", "mu", "logvar")}
+    return lambda: fastvae.elbo_loss(args["x"], args["x_hat"], args["mu"], args["logvar"], **keywords)
 
 
 BAD_INPUTS = [
