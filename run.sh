@@ -23,6 +23,7 @@ install() {  # $1: the extra to install (test | bench)
 case "${1:-}" in
     test)
         install test
+        "$PYTHON" -c "import triton" 2>/dev/null || "$PYTHON" -m pip install --quiet "triton==3.9.0"
         "$PYTHON" -m pytest tests -q
         TRITON_INTERPRET=1 FASTVAE_TEST_BACKENDS=triton "$PYTHON" -m pytest tests -q
         if command -v nvcc >/dev/null; then
