@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../elementwise.h"
+#include "huge_pages.h"
 #include "loops.h"
 #include "tiles.h"
 #include "vec_math_ops.h"
@@ -576,6 +577,7 @@ ElboOutputs elbo_cpu(const at::Tensor& x, const at::Tensor& x_hat,
     TORCH_CHECK(!(needs_grad[i] && !inputs[i].has_value()),
                 "fastvae_native::elbo: needs_grad[", i, "] is set for an absent input");
     grads[i] = wanted ? at::empty_like(*inputs[i]) : at::empty({0}, x.options());
+    advise_huge_pages(grads[i]);
   }
   const auto data = [](const std::optional<at::Tensor>& t) {
     return t.has_value() ? Data{t->const_data_ptr(), t->scalar_type()} : Data{};
