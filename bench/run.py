@@ -13,6 +13,7 @@ from .workloads import (DECODERS, DTYPES, FULL_BATCHES, FULL_EVENTS, FULL_LATENT
                         make_inputs, sweep_cases)
 
 MEMORY_HEADROOM = 0.7  # use at most this share of the free memory for one case
+NOISY_OTHER_CORES = 0.1  # other processes' CPU use (cores) above which a timing is suspect
 
 
 def free_memory_bytes(device):
@@ -39,8 +40,8 @@ def parse_args(argv):
     parser.add_argument("--impl", type=words,
                         help="only these implementations, e.g. fastvae-native,plain")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-reps", type=int, default=7)
-    parser.add_argument("--min-seconds", type=float, default=1.0,
+    parser.add_argument("--min-reps", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="keep repeating until this much forward+backward time")
     parser.add_argument("--out-dir", type=report.Path, default=report.RESULTS_DIR)
     parser.add_argument("--no-plots", action="store_true")
@@ -118,6 +119,12 @@ def main(argv=None):
     print_summary(rows, copy_gbps, env)
     for line in skipped:
         print(f"skipped (memory estimate): {line}")
+    noisy = [row for row in rows if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
+    if noisy:
+        print(f"WARNING: other processes kept {max(r['other_cpu_cores'] for r in noisy):.1f} "
+              f"cores busy during {len(noisy) // len(measure.PHASES)} of "
+              f"{len(rows) // len(measure.PHASES)} runs: those times are inflated; re-run on an "
+              "idle machine.")
     plots = [] if args.no_plots else report.plot_batch_sweeps(rows, args.out_dir, tag, copy_gbps)
     print(f"\nCSV: {csv_path}")
     for path in plots:
