@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import train_digits  # noqa: E402  (examples/ is not a package)
 
 
-def digits_rows(epochs, device):
+def digits_rows(epochs, device, wait_idle):
     train_x, held_out_x = train_digits.load_digits_split(seed=0)
     torch.manual_seed(0)
     initial_state = train_digits.DigitsVAE().state_dict()
@@ -36,6 +36,7 @@ def digits_rows(epochs, device):
     runs.append(("distributions", None, train_digits.distributions_negative_elbo))
     rows = []
     for name, backend, loss_fn in tqdm(runs, desc="digits training", unit="run", file=sys.stderr):
+        measure.wait_until_idle(wait_idle, measure.NOISY_OTHER_CORES)
         load = measure.other_processes_load()
         if load is not None:
             load.start()
@@ -96,7 +97,7 @@ def synthetic_step_ms(sample, loss, batch, pixels, hidden, latent, steps, device
     return statistics.median(times)
 
 
-def synthetic_rows(batch, pixels, hidden, latent, steps, device):
+def synthetic_rows(batch, pixels, hidden, latent, steps, device, wait_idle):
     torch._dynamo.reset()
     runs = [(f"fastvae-{name}", fastvae_sample(name), fastvae_loss(name))
             for name in fastvae_backends(device)]
@@ -106,6 +107,7 @@ def synthetic_rows(batch, pixels, hidden, latent, steps, device):
              ("trivial loss (model only)", plain_sample, trivial_loss)]
     step_ms, other_cores = {}, {}
     for name, sample, loss in tqdm(runs, desc="synthetic steps", unit="run", file=sys.stderr):
+        measure.wait_until_idle(wait_idle, measure.NOISY_OTHER_CORES)
         load = measure.other_processes_load()
         if load is not None:
             load.start()
@@ -127,13 +129,17 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
+                        metavar="SECONDS", help="as for python -m bench")
     parser.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     env = report.environment(device)
 
-    digits = digits_rows(args.digits_epochs, device) if args.digits_epochs > 0 else []
-    synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps, device)
+    digits = (digits_rows(args.digits_epochs, device, args.wait_idle) if args.digits_epochs > 0
+              else [])
+    synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps, device,
+                               args.wait_idle)
     title = (f"on {env['device']} ({env['cpu']}, {env['cores']} cores), allocator "
              f"{env['allocator']}, torch {env['torch']}, {env['date']}")
     if digits:

@@ -13,6 +13,7 @@ import torch
 from .workloads import leaves
 
 PHASES = ("forward", "backward", "forward+backward")
+NOISY_OTHER_CORES = 0.1  # other processes' CPU use (cores) above which a timing is suspect
 
 
 class Clock:
@@ -177,6 +178,23 @@ class OtherProcessesLoad:
         seconds = time.perf_counter() - self._started[0]
         others = (self._busy_ticks() - self._started[1]) - (self._own_ticks() - self._started[2])
         return max(others, 0) / self.ticks_per_second / seconds
+
+
+def wait_idle_default():
+    return float(os.environ.get("FASTVAE_BENCH_WAIT_IDLE", "0"))
+
+
+def wait_until_idle(max_seconds, threshold, window=1.0):
+    """Wait (at most ``max_seconds``) for a ``window`` in which other processes use fewer
+    than ``threshold`` cores; returns the seconds waited."""
+    load = other_processes_load()
+    started = time.perf_counter()
+    while load is not None and time.perf_counter() - started < max_seconds:
+        load.start()
+        time.sleep(window)
+        if load.stop() < threshold:
+            break
+    return time.perf_counter() - started
 
 
 def other_processes_load():

@@ -122,11 +122,13 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
         for axis, ylabel in ((time_axis, f"{phase} time, ms (median)"),
                              (rate_axis, "GB/s (bound bytes / median time)")):
             axis.set_xscale("log", base=2)
+            axis.set_xticks(batches, [str(b) for b in batches])
             axis.set_xlabel("batch size B")
             axis.set_ylabel(ylabel)
             axis.grid(True, which="both", alpha=0.3)
         time_axis.set_yscale("log")
         rate_axis.set_yscale("log")
+        time_axis.legend(fontsize=8)
         rate_axis.legend(fontsize=8)
         first = series_rows[0]
         figure.suptitle(f"reparameterize + elbo_loss, {phase}: D={first['event']} "

@@ -13,7 +13,6 @@ from .workloads import (DECODERS, DTYPES, FULL_BATCHES, FULL_EVENTS, FULL_LATENT
                         make_inputs, sweep_cases)
 
 MEMORY_HEADROOM = 0.7  # use at most this share of the free memory for one case
-NOISY_OTHER_CORES = 0.1  # other processes' CPU use (cores) above which a timing is suspect
 
 
 def free_memory_bytes(device):
@@ -43,6 +42,11 @@ def parse_args(argv):
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="keep repeating until this much forward+backward time")
+    parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
+                        metavar="SECONDS",
+                        help="before each run wait up to this long for other processes to "
+                             "leave the CPU idle, for shared machines (default: "
+                             "$FASTVAE_BENCH_WAIT_IDLE or 0)")
     parser.add_argument("--out-dir", type=report.Path, default=report.RESULTS_DIR)
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)
@@ -95,6 +99,7 @@ def main(argv=None):
     print(f"{env['cpu']}, {env['cores']} cores, device {env['device']}, allocator "
           f"{env['allocator']}; torch {env['torch']}, fastvae {env['fastvae']} (backends: "
           f"{env['backends']}), python {env['python']}")
+    measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
     copy_gbps = measure.copy_bandwidth_gbps(device)
     print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(cases)} cases x "
           f"{len(implementations)} implementations: {', '.join(i.name for i in implementations)}")
@@ -106,6 +111,7 @@ def main(argv=None):
         if needed > MEMORY_HEADROOM * free_memory_bytes(device):
             skipped.append(f"{implementation.name} at {case.label()} (needs ~{needed / 2**30:.1f} GiB)")
             continue
+        measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
         for row in benchmark_case(case, implementation, device, clock, args):
             bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3
             rows.append({**env, "copy_gbps": copy_gbps, "batch": case.batch, "event": case.event,
@@ -119,7 +125,7 @@ def main(argv=None):
     print_summary(rows, copy_gbps, env)
     for line in skipped:
         print(f"skipped (memory estimate): {line}")
-    noisy = [row for row in rows if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
+    noisy = [row for row in rows if (row["other_cpu_cores"] or 0) > measure.NOISY_OTHER_CORES]
     if noisy:
         print(f"WARNING: other processes kept {max(r['other_cpu_cores'] for r in noisy):.1f} "
               f"cores busy during {len(noisy) // len(measure.PHASES)} of "
