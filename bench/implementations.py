@@ -104,7 +104,7 @@ def fastvae_backends(device):
 def all_implementations(device):
     implementations = [Implementation(f"fastvae-{name}",
                                       sample_and_loss(fastvae_sample(name), fastvae_loss(name)),
-                                      peak_batch_by_event_tensors=6 if name != "reference" else 16)
+                                      peak_batch_by_event_tensors=8 if name != "reference" else 16)
                        for name in fastvae_backends(device)]
     implementations += [
         Implementation("plain", sample_and_loss(plain_sample, plain_loss),
