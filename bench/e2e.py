@@ -32,7 +32,7 @@ def digits_rows(epochs, device, wait_idle):
     torch.manual_seed(0)
     initial_state = train_digits.DigitsVAE().state_dict()
     runs = [(f"fastvae-{name}", name, train_digits.fastvae_negative_elbo)
-            for name in fastvae_backends(device) if name != "triton" or device.type == "cuda"]
+            for name in fastvae_backends(device)]
     runs.append(("distributions", None, train_digits.distributions_negative_elbo))
     rows = []
     for name, backend, loss_fn in tqdm(runs, desc="digits training", unit="run", file=sys.stderr):
