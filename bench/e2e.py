@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import train_digits  # noqa: E402  (examples/ is not a package)
 
 
+DIGITS_BATCH = 64
+
+
 def digits_rows(epochs, device, wait_idle):
     train_x, held_out_x = train_digits.load_digits_split(seed=0)
     torch.manual_seed(0)
@@ -45,10 +48,10 @@ def digits_rows(epochs, device, wait_idle):
         torch.manual_seed(1)  # the same noise draws for the torch.distributions run each time
         with fastvae.use_backend(backend or "auto"):
             result = train_digits.train(model, train_x, held_out_x, loss_fn=loss_fn,
-                                        epochs=epochs, progress=False)
+                                        epochs=epochs, batch_size=DIGITS_BATCH, progress=False)
         other_cores = None if load is None else load.stop()
         rows.append({"workload": "digits", "implementation": name,
-                     "batch": 64, "event": 64, "latent": 8, "epochs": epochs,
+                     "batch": DIGITS_BATCH, "event": 64, "latent": 8, "epochs": epochs,
                      "steps": result["steps"],
                      "steps_per_s": result["steps"] / result["train_seconds"],
                      "step_ms": 1e3 * result["train_seconds"] / result["steps"],
