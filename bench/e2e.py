@@ -132,10 +132,14 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's, one per core)")
     parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
                         metavar="SECONDS", help="as for python -m bench")
     parser.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = report.environment(device)
 
@@ -143,7 +147,8 @@ def main(argv=None):
               else [])
     synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps, device,
                                args.wait_idle)
-    title = (f"on {env['device']} ({env['cpu']}, {env['cores']} cores), allocator "
+    title = (f"on {env['device']} ({env['cpu']}, {env['cores']} cores, {env['torch_threads']} "
+             f"torch threads), allocator "
              f"{env['allocator']}, torch {env['torch']}, {env['date']}")
     if digits:
         report.print_table(f"digits VAE, {args.digits_epochs} epochs from the same initialisation, "

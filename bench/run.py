@@ -42,6 +42,8 @@ def parse_args(argv):
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="keep repeating until this much forward+backward time")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: torch's, one per core)")
     parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
                         metavar="SECONDS",
                         help="before each run wait up to this long for other processes to "
@@ -90,13 +92,15 @@ def benchmark_case(case, implementation, device, clock, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     clock = measure.Clock(device)
     env = report.environment(device)
     implementations = [impl for impl in all_implementations(device)
                        if args.impl is None or impl.name in args.impl]
     cases = selected_cases(args)
-    print(f"{env['cpu']}, {env['cores']} cores, device {env['device']}, allocator "
+    print(f"{env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), device {env['device']}, allocator "
           f"{env['allocator']}; torch {env['torch']}, fastvae {env['fastvae']} (backends: "
           f"{env['backends']}), python {env['python']}")
     measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
@@ -160,7 +164,8 @@ def print_summary(rows, copy_gbps, env):
                ("bound ms", "bound_ms", ".1f"), ("GB/s", "gbps", ".1f"),
                ("x bound", "x_bound", ".1f"), ("peak MiB", "peak_mib", ".0f"),
                ("saved MiB", "saved_mib", ".0f"), ("others' cores", "other_cores", ".2f")]
-    report.print_table(f"median times on {env['device']} ({env['cpu']}), allocator "
+    report.print_table(f"median times on {env['device']} ({env['cpu']}, {env['cores']} cores, "
+                       f"{env['torch_threads']} torch threads), allocator "
                        f"{env['allocator']}, copy bandwidth {copy_gbps:.1f} GB/s, {env['date']}",
                        columns, list(by_run.values()))
     print("x bound = fwd+bwd median / (bytes read and written once / copy bandwidth); peak = "
