@@ -214,11 +214,12 @@ def test_opcheck_reparameterize_dtypes(backend):
 
 
 def _empty_placeholders_mismatch(request, backend):
-    if backend == "reference":
+    if backend in ("reference", "triton"):
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "bug: for a gradient that is not needed, the fake impls in fastvae/_ops.py return "
             "an empty tensor in the input's dtype (x.new_empty(0) / logvar.new_empty((0,))) "
-            "while fastvae/reference.py's _empty() returns float32; opcheck's fake-tensor "
+            "while the reference (fastvae/reference.py _empty) and Triton (kernels/elbo.py, "
+            "kernels/reparameterize.py) backends return float32 ones; opcheck's fake-tensor "
             "test fails for every non-float32 input whose gradient is not needed")))
 
 
