@@ -25,6 +25,8 @@ enum Input { kX, kXHat, kXLogvar, kMu, kLogvar, kPriorMu, kPriorLogvar, kInputCo
 
 // Upper bound on the chunks per pass: bounds the partial-sum buffers ([chunks, columns]).
 constexpr int64_t kMaxChunks = 256;
+// Outputs at least this large are written with non-temporal stores (far beyond the L2 cache).
+constexpr size_t kStreamingBytes = size_t(8) << 20;
 // Elements of work below which a parallel task is not worth starting.
 constexpr int64_t kElementsPerTask = 1 << 15;
 
@@ -84,6 +86,7 @@ struct NllProblem {
   double logvar_constant = 0.0;
   bool bernoulli = false;
   MutableData grad_x, grad_x_hat, grad_x_logvar;
+  bool stream_outputs = false;  // gradients too large to stay in cache: write around it
 };
 
 // Where one tile's gradients go. grad_x_sum and grad_logvar (when accumulating) are added to;
@@ -95,6 +98,8 @@ struct NllTileOutputs {
   acc_t* grad_logvar = nullptr;
   bool accumulate_logvar = false;
   bool sum_logvar = false;
+  bool stream_x_hat = false;   // grad_x_hat is the (large, aligned) output itself
+  bool stream_logvar = false;  // likewise grad_logvar, when overwritten
 };
 
 template <typename acc_t>
@@ -121,13 +126,16 @@ NllTileSums<acc_t> nll_tile(int64_t n, const acc_t* x, const acc_t* mean, const 
       gaussian_nll(x_value, mean_value, logvar_value, nll, grad_x, grad_mean, grad_logvar);
       if (out.grad_logvar) {
         const T weighted = grad_logvar * w;
-        store_as(out.accumulate_logvar ? load_as<T>(out.grad_logvar + i) + weighted : weighted,
-                 out.grad_logvar + i);
+        if (out.accumulate_logvar) {
+          store_as(load_as<T>(out.grad_logvar + i) + weighted, out.grad_logvar + i);
+        } else {
+          store_maybe_streaming(weighted, out.grad_logvar + i, out.stream_logvar);
+        }
       }
       if (out.sum_logvar) logvar_grad_total = logvar_grad_total + grad_logvar * w;
     }
     if (out.grad_x_sum) store_as(load_as<T>(out.grad_x_sum + i) + grad_x * w, out.grad_x_sum + i);
-    if (out.grad_x_hat) store_as(grad_mean * w, out.grad_x_hat + i);
+    if (out.grad_x_hat) store_maybe_streaming(grad_mean * w, out.grad_x_hat + i, out.stream_x_hat);
     nll_total = nll_total + nll;
   };
   int64_t i = 0;
@@ -197,7 +205,11 @@ void nll_rows(const NllProblem& p, const acc_t* weights, const Chunking& chunkin
             out.grad_x_sum = need_x ? grad_x_buffer : nullptr;
             void* grad_mean_target = need_x_hat ? advance(p.grad_x_hat.data, p.grad_x_hat.type, row)
                                                 : nullptr;
-            if (need_x_hat) out.grad_x_hat = tile_target(grad_mean_target, p.grad_x_hat.type, grad_mean_buffer);
+            if (need_x_hat) {
+              out.grad_x_hat = tile_target(grad_mean_target, p.grad_x_hat.type, grad_mean_buffer);
+              out.stream_x_hat = p.stream_outputs && out.grad_x_hat == grad_mean_target &&
+                                 can_stream(grad_mean_target);
+            }
             void* grad_logvar_target = nullptr;
             if (need_logvar && kElementLogvar) {
               if (!logvar_per_row) {
@@ -209,6 +221,8 @@ void nll_rows(const NllProblem& p, const acc_t* weights, const Chunking& chunkin
               } else {
                 grad_logvar_target = advance(p.grad_x_logvar.data, p.grad_x_logvar.type, row);
                 out.grad_logvar = tile_target(grad_logvar_target, p.grad_x_logvar.type, grad_logvar_buffer);
+                out.stream_logvar = p.stream_outputs && out.grad_logvar == grad_logvar_target &&
+                                    can_stream(grad_logvar_target);
               }
             }
             out.sum_logvar = need_logvar && !kElementLogvar;
@@ -251,6 +265,7 @@ void nll_rows(const NllProblem& p, const acc_t* weights, const Chunking& chunkin
         }
       }
     }
+    stream_fence();
   });
 }
 
@@ -598,6 +613,7 @@ ElboOutputs elbo_cpu(const at::Tensor& x, const at::Tensor& x_hat,
   nll_problem.grad_x = target(kX);
   nll_problem.grad_x_hat = target(kXHat);
   nll_problem.grad_x_logvar = target(kXLogvar);
+  nll_problem.stream_outputs = x_hat.nbytes() >= kStreamingBytes;
 
   KlProblem kl_problem{batch, latent, data(mu), data(logvar), data(prior_mu), data(prior_logvar)};
   kl_problem.prior_per_row = !prior_mu.has_value() || prior_mu->size(0) == batch;

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
+#include <cstdint>
 #include <type_traits>
 
 namespace fastvae {
@@ -25,6 +27,27 @@ void store_as(const T& value, S* pointer) {
     value.store(pointer);
   }
 }
+
+// Large outputs that are written once and not read back soon are stored around the cache:
+// a non-temporal store skips reading the destination line first, saving a third of the
+// traffic of writing it. The caller issues stream_fence() before the data is used elsewhere.
+inline bool can_stream(const void* pointer) {
+  return reinterpret_cast<uintptr_t>(pointer) % sizeof(at::vec::Vectorized<float>) == 0;
+}
+
+template <typename T, typename S>
+void store_maybe_streaming(const T& value, S* pointer, bool streaming) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, at::vec::Vectorized<float>>) {
+    if (streaming) return _mm256_stream_ps(pointer, value);
+  } else if constexpr (std::is_same_v<T, at::vec::Vectorized<double>>) {
+    if (streaming) return _mm256_stream_pd(pointer, value);
+  }
+#endif
+  store_as(value, pointer);
+}
+
+inline void stream_fence() { _mm_sfence(); }
 
 template <typename acc_t>
 acc_t sum_lanes(const at::vec::Vectorized<acc_t>& value) {

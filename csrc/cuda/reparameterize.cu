@@ -1,0 +1,155 @@
+// Reparameterised sampling on CUDA: one thread per Philox call writes its four normals' samples
+// to the four quarters of z; backward regenerates ε the same way. The seed is read on the device.
+#include <torch/library.h>
+
+#include "../elementwise.h"
+#include "../philox.h"
+#include "common.cuh"
+
+namespace fastvae {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ void normals_at(const int64_t* seed, int64_t call, float (&normals)[4]) {
+  uint32_t words[4];
+  philox4x32_10(static_cast<uint64_t>(*seed), static_cast<uint64_t>(call), words[0], words[1],
+                words[2], words[3]);
+  box_muller(philox_uniform(words[0]), philox_uniform(words[1]), normals[0], normals[1]);
+  box_muller(philox_uniform(words[2]), philox_uniform(words[3]), normals[2], normals[3]);
+}
+
+template <typename acc_t>
+__global__ void sample_kernel(Buffer mu, Buffer logvar, const int64_t* seed, int64_t numel,
+                              int64_t latent, Buffer z) {
+  const int64_t quarter = philox_quarter(numel);
+  for (int64_t call = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; call < quarter;
+       call += int64_t(gridDim.x) * blockDim.x) {
+    float normals[4];
+    normals_at(seed, call, normals);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = j * quarter + call;
+      if (i >= numel) break;
+      const int64_t k = i % latent;
+      store(z, i, reparameterized_sample(load<acc_t>(mu, k), load<acc_t>(logvar, k),
+                                         static_cast<acc_t>(normals[j])));
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void noise_product_kernel(Buffer grad_z, const int64_t* seed, int64_t numel,
+                                     acc_t* products) {
+  const int64_t quarter = philox_quarter(numel);
+  for (int64_t call = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; call < quarter;
+       call += int64_t(gridDim.x) * blockDim.x) {
+    float normals[4];
+    normals_at(seed, call, normals);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = j * quarter + call;
+      if (i >= numel) break;
+      products[i] = load<acc_t>(grad_z, i) * static_cast<acc_t>(normals[j]);
+    }
+  }
+}
+
+// Sums over samples in order for each latent element: deterministic.
+template <typename acc_t>
+__global__ void sample_grad_kernel(Buffer grad_z, const acc_t* products, Buffer logvar,
+                                   int64_t samples, int64_t latent, Buffer grad_mu,
+                                   Buffer grad_logvar) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < latent;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    acc_t mu_sum = 0, product_sum = 0;
+    for (int64_t s = 0; s < samples; ++s) {
+      if (grad_mu.data) mu_sum += load<acc_t>(grad_z, s * latent + k);
+      if (products) product_sum += products[s * latent + k];
+    }
+    if (grad_mu.data) store(grad_mu, k, mu_sum);
+    if (products) {
+      const acc_t half_sigma = acc_t(0.5) * MathOps<acc_t>::exp(acc_t(0.5) * load<acc_t>(logvar, k));
+      store(grad_logvar, k, product_sum * half_sigma);
+    }
+  }
+}
+
+void check_seed(const at::Tensor& seed, const at::Device& device) {
+  TORCH_CHECK(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.device() == device,
+              "fastvae_native: seed must be a 0-dim int64 tensor on ", device);
+}
+
+at::Tensor reparameterize_cuda(const at::Tensor& mu, const at::Tensor& logvar,
+                               const at::Tensor& seed, int64_t n_samples) {
+  TORCH_CHECK(mu.dim() == 1 && mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(),
+              "fastvae_native: mu and logvar must be 1-D of one shape and dtype");
+  TORCH_CHECK(n_samples >= 1, "fastvae_native: n_samples must be >= 1");
+  check_cuda_input("mu", mu, mu.device());
+  check_cuda_input("logvar", logvar, mu.device());
+  check_seed(seed, mu.device());
+  const c10::cuda::CUDAGuard guard(mu.device());
+  at::Tensor z = at::empty({n_samples * mu.numel()}, mu.options());
+  const int64_t calls = philox_quarter(z.numel());
+  if (calls == 0) return z;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t* seed_data = seed.const_data_ptr<int64_t>();
+  if (mu.scalar_type() == at::kDouble) {
+    sample_kernel<double><<<blocks_for(calls), kThreads, 0, stream>>>(
+        buffer_of(mu), buffer_of(logvar), seed_data, z.numel(), mu.numel(), buffer_of(z));
+  } else {
+    sample_kernel<float><<<blocks_for(calls), kThreads, 0, stream>>>(
+        buffer_of(mu), buffer_of(logvar), seed_data, z.numel(), mu.numel(), buffer_of(z));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return z;
+}
+
+template <typename acc_t>
+void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed,
+                     int64_t samples, const Buffer& grad_mu, const Buffer& grad_logvar) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor products;
+  if (grad_logvar.data) {
+    products = at::empty({grad_z.numel()}, grad_z.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    noise_product_kernel<acc_t><<<blocks_for(philox_quarter(grad_z.numel())), kThreads, 0, stream>>>(
+        buffer_of(grad_z), seed.const_data_ptr<int64_t>(), grad_z.numel(),
+        products.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  sample_grad_kernel<acc_t><<<blocks_for(logvar.numel()), kThreads, 0, stream>>>(
+      buffer_of(grad_z), grad_logvar.data ? products.const_data_ptr<acc_t>() : nullptr,
+      buffer_of(logvar), samples, logvar.numel(), grad_mu, grad_logvar);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cuda(
+    const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed, int64_t n_samples,
+    bool need_mu, bool need_logvar) {
+  TORCH_CHECK(logvar.dim() == 1 && grad_z.dim() == 1 && n_samples >= 1 &&
+                  grad_z.numel() == n_samples * logvar.numel(),
+              "fastvae_native: grad_z must be 1-D with n_samples * logvar.numel() elements");
+  check_cuda_input("grad_z", grad_z, logvar.device());
+  check_cuda_input("logvar", logvar, logvar.device());
+  check_seed(seed, logvar.device());
+  const c10::cuda::CUDAGuard guard(logvar.device());
+  const auto make = [&](bool needed) {
+    return needed ? at::empty_like(logvar) : at::empty({0}, logvar.options());
+  };
+  at::Tensor grad_mu = make(need_mu), grad_logvar = make(need_logvar);
+  if (logvar.numel() == 0) return {grad_mu, grad_logvar};
+  const Buffer mu_target = need_mu ? buffer_of(grad_mu) : Buffer{};
+  const Buffer logvar_target = need_logvar ? buffer_of(grad_logvar) : Buffer{};
+  if (logvar.scalar_type() == at::kDouble) {
+    sample_backward<double>(grad_z, logvar, seed, n_samples, mu_target, logvar_target);
+  } else {
+    sample_backward<float>(grad_z, logvar, seed, n_samples, mu_target, logvar_target);
+  }
+  return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastvae
+
+TORCH_LIBRARY_IMPL(fastvae_native, CUDA, m) {
+  m.impl("reparameterize", &fastvae::cuda::reparameterize_cuda);
+  m.impl("reparameterize_backward", &fastvae::cuda::reparameterize_backward_cuda);
+}
