@@ -38,8 +38,9 @@ class EveryFunctionVAE(nn.Module):
     """Linear encoder/decoder, a learnable diagonal prior, and a loss that sums every public
     function of fastvae in every form (so a compiled step covers them all)."""
 
-    def __init__(self, features=FEATURES, latent=LATENT):
+    def __init__(self):
         super().__init__()
+        features, latent = FEATURES, LATENT
         self.encoder = nn.Linear(features, 2 * latent)
         self.decoder = nn.Linear(latent, 2 * features)
         self.prior_mu = nn.Parameter(0.1 * torch.randn(latent))
@@ -72,9 +73,9 @@ class EveryFunctionVAE(nn.Module):
         return total, terms.nll, terms.kl
 
 
-def batch(features=FEATURES):
+def batch():
     g = torch.Generator().manual_seed(3)
-    return torch.randn(BATCH, features, generator=g), torch.rand(BATCH, features, generator=g).round()
+    return torch.randn(BATCH, FEATURES, generator=g), torch.rand(BATCH, FEATURES, generator=g).round()
 
 
 def train(model, step_fn, x, x_binary, betas):
@@ -537,6 +538,22 @@ def test_cuda_forward_and_backward_do_not_sync(backend):
 
 
 @cuda_only
+@pytest.mark.xfail(strict=True, reason=DEFAULT_BETA_BUG + "; and fastvae/reference.py builds "
+                   "the constant decoder log-variance with torch.tensor(x_logvar_const, device=...)")
+def test_cuda_default_arguments_do_not_sync(backend):
+    needs_cuda_backend(backend)
+    x, x_hat, _, mu, logvar, _, _ = latent_step_inputs("cuda")
+    fastvae.elbo_loss(x, x_hat, mu, logvar).backward()  # warm-up
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastvae.elbo_loss(x, x_hat, mu, logvar, sigma=0.5).backward()
+        fastvae.gaussian_kl(mu, logvar).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@cuda_only
 def test_cuda_graph_replays_with_fresh_noise(backend):
     """A captured training step (sampling, loss, backward) replays with fresh noise: the
     captured torch.randint advances the default CUDA generator's Philox offset on every replay,
@@ -545,7 +562,7 @@ def test_cuda_graph_replays_with_fresh_noise(backend):
     needs_cuda_backend(backend)
     torch.manual_seed(0)
     encoder = nn.Linear(FEATURES, 2 * LATENT).cuda()
-    decoder = nn.Linear(LATENT, FEATURES).cuda()
+    decoder = nn.Linear(LATENT, 2 * FEATURES).cuda()
     params = list(encoder.parameters()) + list(decoder.parameters())
     x = torch.randn(BATCH, FEATURES, device="cuda")
     beta = torch.tensor(0.5, device="cuda")
@@ -554,7 +571,9 @@ def test_cuda_graph_replays_with_fresh_noise(backend):
     def step(fixed_seed):
         mu, logvar = encoder(x).chunk(2, dim=-1)
         z = fastvae.reparameterize(mu, logvar, SAMPLES, seed=seed if fixed_seed else None)
-        loss = fastvae.elbo_loss(x, decoder(z), mu, logvar, beta=beta, free_bits=0.01)
+        x_hat, x_logvar = decoder(z).chunk(2, dim=-1)
+        loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, beta=beta,
+                                 free_bits=0.01)
         loss.backward()
         return loss, z
 
@@ -583,12 +602,11 @@ def test_cuda_graph_replays_with_fresh_noise(backend):
     assert all(t.isfinite().all() for replay in replays for t in replay)
     torch.cuda.manual_seed(5)
     graph.replay()
-    replayed = (loss.clone(), z.clone())
+    replayed_z = z.clone()
     torch.cuda.manual_seed(5)
     with torch.no_grad():
         mu, logvar = encoder(x).chunk(2, dim=-1)
-        eager_z = fastvae.reparameterize(mu, logvar, SAMPLES)
-    torch.testing.assert_close(replayed[1], eager_z)
+        torch.testing.assert_close(replayed_z, fastvae.reparameterize(mu, logvar, SAMPLES))
 
     graph, (loss, z) = capture(fixed_seed=True)
     seed.fill_(1234)
