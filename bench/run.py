@@ -72,6 +72,8 @@ def benchmark_case(case, implementation, device, clock, args):
     first_ms = measure.first_call_ms(implementation, inputs, clock)
     measure.first_call_ms(implementation, inputs, clock)  # warm-up
     saved, saved_extra = measure.saved_for_backward_bytes(implementation, inputs)
+    with torch.no_grad():
+        loss = float(implementation(inputs)[0])  # checked against the other implementations
     peak = measure.peak_memory_bytes(implementation, inputs, clock)
     load = measure.other_processes_load()
     if load is not None:
@@ -86,7 +88,7 @@ def benchmark_case(case, implementation, device, clock, args):
                      "gbps": bound_bytes / (stats["median_ms"] * 1e-3) / 1e9,
                      "peak_mem_bytes": peak, "saved_bytes": saved,
                      "saved_extra_bytes": saved_extra, "first_call_ms": first_ms,
-                     "other_cpu_cores": other_cores})
+                     "other_cpu_cores": other_cores, "loss": loss})
     return rows
 
 
@@ -129,6 +131,8 @@ def main(argv=None):
     print_summary(rows, copy_gbps, env)
     for line in skipped:
         print(f"skipped (memory estimate): {line}")
+    for line in disagreements(rows):
+        print(f"WARNING: {line}")
     noisy = [row for row in rows if (row["other_cpu_cores"] or 0) > measure.NOISY_OTHER_CORES]
     if noisy:
         print(f"WARNING: other processes kept {max(r['other_cpu_cores'] for r in noisy):.1f} "
@@ -140,6 +144,19 @@ def main(argv=None):
     for path in plots:
         print(f"plot: {path}")
     return rows
+
+
+def disagreements(rows):
+    """Cases where an implementation's loss differs from plain PyTorch's beyond rounding."""
+    tolerance = {"float32": 1e-4, "bfloat16": 2e-2}
+    plain = {row["series"] + str(row["batch"]): row["loss"] for row in rows
+             if row["implementation"] == "plain"}
+    for row in rows:
+        reference = plain.get(row["series"] + str(row["batch"]))
+        if (row["phase"] == "forward+backward" and reference is not None
+                and abs(row["loss"] - reference) > tolerance[row["dtype"]] * abs(reference)):
+            yield (f"{row['implementation']} gives loss {row['loss']:.6g} at {row['series']} "
+                   f"B={row['batch']}, plain PyTorch {reference:.6g}")
 
 
 def print_summary(rows, copy_gbps, env):
