@@ -157,7 +157,8 @@ def main(argv=None):
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name.strip()]
         rows += loss_rows(args, dtype, bandwidth) + sample_rows(args, dtype, bandwidth)
-    print(f"{'pass':<16}{'implementation':<18}{'dtype':<16}{'ms':>10}{'bound ms':>10}{'x bound':>9}")
+    print(f"{'pass':<16}{'implementation':<18}{'dtype':<16}{'ms':>10}{'bound ms':>10}"
+          f"{'x bound':>9}")
     for r in rows:
         print(f"{r['pass']:<16}{r['implementation']:<18}{r['dtype']:<16}{r['ms']:>10.3f}"
               f"{r['bound_ms']:>10.3f}{r['multiple_of_bound']:>9.2f}")

@@ -38,7 +38,7 @@ _ROWS_BLOCK = 128  # rows per program of the final per-row pass
 
 @triton.jit
 def _log1p(t):
-    """log(1 + t) accurate for small t without libdevice (Goldberg: log(u)·t/(u−1), u = 1 + t)."""
+    """log(1 + t), accurate for small t without libdevice: log(u)·t/(u−1) with u = 1 + t."""
     u = 1.0 + t
     exact = u == 1.0
     return tl.where(exact, t, tl.log(u) * (t / tl.where(exact, 1.0, u - 1.0)))
@@ -267,7 +267,8 @@ def _latent_tile(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, grad_scale_
             grad_prior_logvar = d_prior_logvar * weight
             if PRIOR_PER_ROW:
                 tl.store(grad_prior_logvar_ptr + offset,
-                         narrow(grad_prior_logvar, grad_prior_logvar_ptr.dtype.element_ty), mask=valid)
+                         narrow(grad_prior_logvar, grad_prior_logvar_ptr.dtype.element_ty),
+                         mask=valid)
             else:
                 prior_logvar_columns += tl.sum(tl.where(valid, grad_prior_logvar, 0.0), axis=0,
                                                keep_dims=True)

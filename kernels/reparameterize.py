@@ -1,4 +1,4 @@
-"""Reparameterised sampling z = μ + exp(½·lv)·ε with ε generated in the kernel (DESIGN.md §3).
+"""Reparameterised sampling z = μ + exp(½·lv)·ε, ε generated in the kernel (DESIGN.md §3).
 
 Element ``i = s*K + k`` of the ``N = S*K`` samples uses output ``j = i // Q`` of
 ``tl.randn4x(seed, i - j*Q)``, ``Q = ceil(N / 4)``. The forward pass runs one Philox call per

@@ -48,7 +48,7 @@ def test_forward_noise_is_the_stream(seed, n_samples, latent):
 
 @pytest.mark.parametrize("n_samples, latent", [(1, 4 * 300 - 1), (5, 301)])
 def test_backward_regenerates_the_forward_noise_bitwise(n_samples, latent):
-    """∂lv = ½·Σ_s g·ε·exp(½·0): with a one-hot upstream per sample, 2·∂lv is ε_s exactly."""
+    """∂lv = ½·Σ_s g·ε·exp(0): with a one-hot upstream on sample s, 2·∂lv is ε_s exactly."""
     zeros = torch.zeros(latent)
     seed = torch.tensor(2**40 + 17)
     eps = _triton.reparameterize_forward(zeros, zeros, seed, n_samples).view(n_samples, latent)
