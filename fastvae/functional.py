@@ -60,7 +60,7 @@ def _latent_dtype(*tensors) -> torch.dtype:
 def _beta_tensor(beta, device, dtype) -> Tensor:
     if isinstance(beta, Tensor):
         return beta.to(device=device, dtype=dtype)
-    return torch.tensor(float(beta), dtype=dtype, device=device)
+    return torch.full((), float(beta), dtype=dtype, device=device)  # a fill kernel, no copy
 
 
 def _reduce_rows(rows: Tensor, reduction: str) -> Tensor:
@@ -171,7 +171,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
         seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=mu.device,
                              generator=generator)
     elif not isinstance(seed, Tensor):
-        seed = torch.tensor(seed, dtype=torch.int64, device=mu.device)
+        seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
     dtype = _latent_dtype(mu, logvar)
     samples = 1 if n_samples is None else n_samples
     z = _ops.reparameterize(mu.to(dtype).reshape(-1).contiguous(),

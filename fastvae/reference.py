@@ -133,7 +133,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
     if x_logvar is not None:
         lv_x = x_logvar.to(acc)
     else:
-        lv_x = torch.tensor(x_logvar_const, dtype=acc, device=x.device)
+        lv_x = torch.full((), x_logvar_const, dtype=acc, device=x.device)
     if grad_scale is not None:
         weight = grad_scale.to(acc)
     else:
