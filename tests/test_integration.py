@@ -441,23 +441,20 @@ def test_forward_reads_nothing_on_the_host(backend):
         assert args[0].device.type == "cpu" and args[0].numel() == 1, (name, args[0].shape)
 
 
-DEFAULT_BETA_BUG = ("bug: fastvae/functional.py _beta_tensor builds a float beta (the default "
-                    "1.0, and the 1.0 gaussian_kl/gaussian_nll/bernoulli_nll pass) with "
-                    "torch.tensor(float(beta), device=device): on CUDA a blocking host-to-device "
-                    "copy (a sync, and an error under CUDA-graph capture) on every call; "
-                    "torch.full((), beta, dtype=dtype, device=device) copies nothing")
-
-
-@pytest.mark.xfail(strict=True, reason=DEFAULT_BETA_BUG)
-def test_default_arguments_copy_no_host_value_to_the_device(backend):
-    """``torch.tensor(value, device=d)`` (aten.lift_fresh at the API level) is a blocking
-    host-to-device copy when d is a CUDA device; the API must not make one for default args."""
+def test_api_copies_no_host_value_to_the_device(backend):
+    """``torch.tensor(value, device=d)`` (aten.lift_fresh) is a blocking host-to-device copy
+    when d is a CUDA device: a sync, and an error under CUDA-graph capture. Neither the API
+    with Python-number arguments (float beta, sigma, int seed) nor the loss kernels make one."""
     x, x_hat, _, mu, logvar, _, _ = latent_step_inputs()
     with OpRecorder() as record:
         fastvae.elbo_loss(x, x_hat, mu, logvar)
+        fastvae.elbo_loss(x, x_hat, mu, logvar, sigma=0.5, beta=0.3)
         fastvae.gaussian_kl(mu, logvar)
         fastvae.gaussian_nll(x, x_hat)
         fastvae.bernoulli_nll(x.sigmoid(), x_hat)
+    assert HOST_TO_DEVICE not in record.names()
+    with OpRecorder() as record:
+        fastvae.reparameterize(mu, logvar, seed=3)
     assert HOST_TO_DEVICE not in record.names(0)
 
 
@@ -538,8 +535,6 @@ def test_cuda_forward_and_backward_do_not_sync(backend):
 
 
 @cuda_only
-@pytest.mark.xfail(strict=True, reason=DEFAULT_BETA_BUG + "; and fastvae/reference.py builds "
-                   "the constant decoder log-variance with torch.tensor(x_logvar_const, device=...)")
 def test_cuda_default_arguments_do_not_sync(backend):
     needs_cuda_backend(backend)
     x, x_hat, _, mu, logvar, _, _ = latent_step_inputs("cuda")
@@ -549,6 +544,7 @@ def test_cuda_default_arguments_do_not_sync(backend):
     try:
         fastvae.elbo_loss(x, x_hat, mu, logvar, sigma=0.5).backward()
         fastvae.gaussian_kl(mu, logvar).sum().backward()
+        fastvae.reparameterize(mu, logvar, seed=3).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(previous)
 
