@@ -12,7 +12,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # hide memory latency, few enough that per-program partial sums stay small.
 _PROGRAMS_PER_SM = 4
 # Under the interpreter every program instance costs milliseconds: a handful of programs, each
-# looping over rows, runs the same code paths far faster than one program per row.
+# looping over rows, keeps test grids small while still running several row groups.
 _INTERPRETER_PROGRAMS = 8
 
 
