@@ -1,6 +1,5 @@
-"""fastvae's Triton kernels, installed as ``fastvae.kernels`` (see ``fastvae._triton``)."""
-from .elbo import elbo
-from .reparameterize import reparameterize_backward, reparameterize_forward
-from .scale import scale_by_upstream
+"""fastvae's Triton kernels, installed as ``fastvae.kernels``; ``fastvae._triton`` launches them.
 
-__all__ = ["elbo", "reparameterize_backward", "reparameterize_forward", "scale_by_upstream"]
+Modules: ``reparameterize`` (sampling with in-kernel noise), ``elbo`` (the fused loss),
+``scale`` (gradient times the upstream scalar), and the shared ``_launch`` / ``_convert``.
+"""

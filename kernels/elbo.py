@@ -154,18 +154,18 @@ def _gaussian_prior_kl(mu, logvar, prior_mu, prior_logvar):
 
 
 @triton.jit
-def _latent_offsets(row_block, tile, batch, latent_size, ROWS_L: tl.constexpr,
-                    BLOCK_L: tl.constexpr):
-    row = tl.cast(row_block, tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
-    latent = tile.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
-    return row, latent, (row < batch) & (latent < latent_size)
+def _latent_rows(row_block, ROWS_L: tl.constexpr):
+    return tl.cast(row_block, tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
 
 
 @triton.jit
-def _load_latents(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row, latent, valid,
-                  latent_size, HAS_PRIOR: tl.constexpr, PRIOR_PER_ROW: tl.constexpr,
-                  ACC: tl.constexpr):
-    offset = row * latent_size + latent
+def _latent_columns(tile, BLOCK_L: tl.constexpr):
+    return tile.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+
+
+@triton.jit
+def _load_latents(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, offset, latent, valid,
+                  HAS_PRIOR: tl.constexpr, PRIOR_PER_ROW: tl.constexpr, ACC: tl.constexpr):
     mu = widen(tl.load(mu_ptr + offset, mask=valid, other=0.0), ACC)
     logvar = widen(tl.load(logvar_ptr + offset, mask=valid, other=0.0), ACC)
     if HAS_PRIOR:
@@ -175,7 +175,7 @@ def _load_latents(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row, laten
     else:
         prior_mu = mu  # unused without a prior
         prior_logvar = logvar
-    return offset, mu, logvar, prior_mu, prior_logvar
+    return mu, logvar, prior_mu, prior_logvar
 
 
 @triton.jit
@@ -185,20 +185,22 @@ def _kl_column_kernel(kl_columns_ptr, mu_ptr, logvar_ptr, prior_mu_ptr, prior_lo
     """Per-group column sums of the KL over datapoints (for free bits): ``[groups, d]``."""
     group = tl.program_id(0)
     tile = tl.program_id(1)
+    latent = _latent_columns(tile, BLOCK_L)
+    in_latent = latent < latent_size
     column_sum = tl.zeros((1, BLOCK_L), ACC)
     for row_block in range(group, tl.cdiv(batch, ROWS_L), tl.num_programs(0)):
-        row, latent, valid = _latent_offsets(row_block, tile, batch, latent_size, ROWS_L, BLOCK_L)
-        _, mu, logvar, prior_mu, prior_logvar = _load_latents(
-            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row, latent, valid, latent_size,
-            HAS_PRIOR, PRIOR_PER_ROW, ACC)
+        row = _latent_rows(row_block, ROWS_L)
+        valid = (row < batch) & in_latent
+        mu, logvar, prior_mu, prior_logvar = _load_latents(
+            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row * latent_size + latent,
+            latent, valid, HAS_PRIOR, PRIOR_PER_ROW, ACC)
         if HAS_PRIOR:
-            kl, _, _, _ = _gaussian_prior_kl(mu, logvar, prior_mu, prior_logvar)
+            kl = _gaussian_prior_kl(mu, logvar, prior_mu, prior_logvar)[0]
         else:
-            kl, _, _ = _standard_normal_kl(mu, logvar)
+            kl = _standard_normal_kl(mu, logvar)[0]
         column_sum += tl.sum(tl.where(valid, kl, 0.0), axis=0, keep_dims=True)
-    latent = tile.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
     tl.store(kl_columns_ptr + group.to(tl.int64) * latent_size + latent, column_sum,
-             mask=latent < latent_size)
+             mask=in_latent)
 
 
 @triton.jit
@@ -212,24 +214,25 @@ def _latent_tile(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, grad_scale_
                  NEED_LOGVAR: tl.constexpr, NEED_PRIOR_MU: tl.constexpr,
                  NEED_PRIOR_LOGVAR: tl.constexpr, ACC: tl.constexpr, ROWS_L: tl.constexpr,
                  BLOCK_L: tl.constexpr):
-    tile = tile.to(tl.int64)
-    latent = tile * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    latent = _latent_columns(tile, BLOCK_L)
     in_latent = latent < latent_size
     beta = widen(tl.load(beta_ptr), ACC)
     if FREE_BITS:
         floor = tl.full((), free_bits, ACC)
         column_sum = tl.zeros((1, BLOCK_L), ACC)
-        column_offset = latent
-        for _ in range(num_column_groups):  # in group order: the same sum on every program
-            column_sum += tl.load(kl_columns_ptr + column_offset, mask=in_latent, other=0.0)
-            column_offset += latent_size
+        for column_group in range(num_column_groups):  # in group order on every program
+            column_sum += tl.load(kl_columns_ptr + tl.cast(column_group, tl.int64) * latent_size
+                                  + latent, mask=in_latent, other=0.0)
         active = column_sum / batch >= floor
     prior_mu_columns = tl.zeros((1, BLOCK_L), ACC)  # summed over rows when Bp = 1
     prior_logvar_columns = tl.zeros((1, BLOCK_L), ACC)
     for row_block in range(group, tl.cdiv(batch, ROWS_L), num_groups):
-        row, _, valid = _latent_offsets(row_block, tile, batch, latent_size, ROWS_L, BLOCK_L)
-        offset, mu, logvar, prior_mu, prior_logvar = _load_latents(
-            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row, latent, valid, latent_size,
+        row = _latent_rows(row_block, ROWS_L)
+        in_batch = row < batch
+        valid = in_batch & in_latent
+        offset = row * latent_size + latent
+        mu, logvar, prior_mu, prior_logvar = _load_latents(
+            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, offset, latent, valid,
             HAS_PRIOR, PRIOR_PER_ROW, ACC)
         if HAS_PRIOR:
             kl, d_mu, d_logvar, d_prior_logvar = _gaussian_prior_kl(mu, logvar, prior_mu,
@@ -237,8 +240,7 @@ def _latent_tile(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, grad_scale_
         else:
             kl, d_mu, d_logvar = _standard_normal_kl(mu, logvar)
         kl = tl.where(valid, kl, 0.0)
-        in_batch = row < batch
-        partial_offset = tile * batch + row
+        partial_offset = tile.to(tl.int64) * batch + row
         tl.store(kl_partial_ptr + partial_offset, tl.sum(kl, axis=1, keep_dims=True),
                  mask=in_batch)
 
@@ -326,10 +328,9 @@ def _elbo_kernel(x_ptr, x_hat_ptr, x_logvar_ptr, mu_ptr, logvar_ptr, prior_mu_pt
 def _sum_partials(partial_ptr, row, valid, batch, num_tiles, ACC: tl.constexpr):
     """Σ_t partial[t, row] in tile order."""
     total = tl.zeros(row.shape, ACC)
-    offset = row
-    for _ in range(num_tiles):
-        total += tl.load(partial_ptr + offset, mask=valid, other=0.0)
-        offset += batch
+    for tile in range(num_tiles):
+        total += tl.load(partial_ptr + tl.cast(tile, tl.int64) * batch + row, mask=valid,
+                         other=0.0)
     return total
 
 

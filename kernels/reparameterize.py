@@ -77,13 +77,12 @@ def _reparameterize_backward_kernel(grad_mu_ptr, grad_logvar_ptr, grad_z_ptr, lo
     valid = latent < latent_size
     sum_grad = tl.zeros((BLOCK,), ACC)
     sum_grad_eps = tl.zeros((BLOCK,), ACC)
-    element = latent
-    for _ in range(n_samples):  # sequential over samples: the same sum whatever BLOCK is
+    for sample in range(n_samples):  # sequential over samples: the same sum whatever BLOCK is
+        element = tl.cast(sample, tl.int64) * latent_size + latent
         grad = widen(tl.load(grad_z_ptr + element, mask=valid, other=0.0), ACC)
         sum_grad += grad
         if NEED_LOGVAR:
             sum_grad_eps += grad * stream_normal(seed, element, quarter).to(ACC)
-        element += latent_size
     if NEED_MU:
         tl.store(grad_mu_ptr + latent, narrow(sum_grad, grad_mu_ptr.dtype.element_ty), mask=valid)
     if NEED_LOGVAR:
