@@ -184,6 +184,10 @@ def wait_idle_default():
     return float(os.environ.get("FASTVAE_BENCH_WAIT_IDLE", "0"))
 
 
+def attempts_default():
+    return int(os.environ.get("FASTVAE_BENCH_ATTEMPTS", "1"))
+
+
 def wait_until_idle(max_seconds, threshold, window=1.0):
     """Wait (at most ``max_seconds``) for a ``window`` in which other processes use fewer
     than ``threshold`` cores; returns the seconds waited."""

@@ -42,6 +42,10 @@ def parse_args(argv):
     parser.add_argument("--min-reps", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=0.5,
                         help="keep repeating until this much forward+backward time")
+    parser.add_argument("--attempts", type=int, default=measure.attempts_default(),
+                        help="measure a run disturbed by other processes again, up to this "
+                             "many times in all, and keep the least disturbed (default: "
+                             "$FASTVAE_BENCH_ATTEMPTS or 1)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's, one per core)")
     parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
@@ -92,6 +96,21 @@ def benchmark_case(case, implementation, device, clock, args):
     return rows
 
 
+def least_disturbed_run(case, implementation, device, clock, args):
+    """The rows of the attempt least disturbed by other processes: a run during which they
+    used the CPU is repeated, up to ``args.attempts`` times in all."""
+    best = None
+    for _ in range(args.attempts):
+        measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
+        rows = benchmark_case(case, implementation, device, clock, args)
+        others = rows[0]["other_cpu_cores"]
+        if best is None or (others or 0) < (best[0]["other_cpu_cores"] or 0):
+            best = rows
+        if others is None or others <= measure.NOISY_OTHER_CORES:
+            break
+    return best
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -117,8 +136,7 @@ def main(argv=None):
         if needed > MEMORY_HEADROOM * free_memory_bytes(device):
             skipped.append(f"{implementation.name} at {case.label()} (needs ~{needed / 2**30:.1f} GiB)")
             continue
-        measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
-        for row in benchmark_case(case, implementation, device, clock, args):
+        for row in least_disturbed_run(case, implementation, device, clock, args):
             bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3
             rows.append({**env, "copy_gbps": copy_gbps, "batch": case.batch, "event": case.event,
                          "latent": case.latent, "decoder": case.decoder, "dtype": case.dtype,
