@@ -58,19 +58,6 @@ acc_t sum_lanes(const at::vec::Vectorized<acc_t>& value) {
   return total;
 }
 
-// Runs body(i, accumulator) for every element i in [0, n): a vector at a time with a
-// Vectorized<acc_t> accumulator, then one at a time with an acc_t one. Returns the total.
-template <typename acc_t, typename Body>
-acc_t vectorized_sum(int64_t n, Body&& body) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec vector_total(acc_t(0));
-  acc_t scalar_total = 0;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) body(i, vector_total);
-  for (; i < n; ++i) body(i, scalar_total);
-  return sum_lanes(vector_total) + scalar_total;
-}
-
 // Names the value type of a vectorized_for body: `using T = typename decltype(width)::type`.
 template <typename T>
 struct Width {

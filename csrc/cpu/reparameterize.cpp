@@ -67,9 +67,20 @@ void sample(const at::Tensor& mu, const at::Tensor& logvar, uint64_t seed, at::T
   });
 }
 
+// ½·exp(½·logvar)·Σ_s g·ε over a tile, in place in `product_sum`.
+template <typename acc_t>
+void scale_by_half_sigma(int64_t n, const acc_t* logvar, acc_t* product_sum) {
+  vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
+    using T = typename decltype(width)::type;
+    const T half_sigma = constant<T>(0.5) * MathOps<T>::exp(constant<T>(0.5) * load_as<T>(logvar + e));
+    store_as(load_as<T>(product_sum + e) * half_sigma, product_sum + e);
+  });
+}
+
 // grad_mu[k] = Σ_s g[s,k];  grad_logvar[k] = ½·exp(½·logvar[k])·Σ_s g[s,k]·ε[s,k].
-// The products g·ε are formed per noise block, then summed over s in order per k, so the
-// result does not depend on how the blocks were spread over threads.
+// With one sample each noise piece gives its gradients directly. With more, the products g·ε
+// are formed per noise block, then summed over s in order per k, so the result does not
+// depend on how the blocks were spread over threads.
 template <typename acc_t>
 void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_t seed,
                      int64_t samples, at::Tensor& grad_mu, at::Tensor& grad_logvar) {
@@ -78,7 +89,35 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
   const c10::ScalarType grad_type = grad_z.scalar_type();
   const c10::ScalarType type = logvar.scalar_type();
   const void* grad_data = grad_z.const_data_ptr();
+  const void* logvar_data = logvar.const_data_ptr();
   const bool need_mu = grad_mu.defined(), need_logvar = grad_logvar.defined();
+
+  if (samples == 1) {
+    if (need_mu) {
+      at::parallel_for(0, latent, kTile, [&](int64_t begin, int64_t end) {
+        alignas(64) acc_t grad_buffer[kTile];
+        for (int64_t k0 = begin; k0 < end; k0 += kTile) {
+          const int64_t n = std::min(kTile, end - k0);
+          store_tile(load_tile(advance(grad_data, grad_type, k0), grad_type, n, grad_buffer), n,
+                     advance(grad_mu.mutable_data_ptr(), type, k0), type);
+        }
+      });
+    }
+    if (!need_logvar) return;
+    parallel_noise(seed, numel, latent, [&](int64_t k, const float* noise, int64_t n) {
+      alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
+      alignas(64) acc_t logvar_buffer[kNoiseBlock], product[kNoiseBlock];
+      const acc_t* grad = load_tile(advance(grad_data, grad_type, k), grad_type, n, grad_buffer);
+      const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
+      vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
+        using T = typename decltype(width)::type;
+        store_as(load_as<T>(grad + e) * load_as<T>(eps + e), product + e);
+      });
+      scale_by_half_sigma(n, load_tile(advance(logvar_data, type, k), type, n, logvar_buffer), product);
+      store_tile(product, n, advance(grad_logvar.mutable_data_ptr(), type, k), type);
+    });
+    return;
+  }
 
   at::Tensor products;
   if (need_logvar) {
@@ -114,11 +153,8 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
       }
       if (need_mu) store_tile(mu_sum, n, advance(grad_mu.mutable_data_ptr(), type, k0), type);
       if (need_logvar) {
-        const acc_t* logvar_tile =
-            load_tile(advance(logvar.const_data_ptr(), type, k0), type, n, logvar_buffer);
-        for (int64_t e = 0; e < n; ++e) {
-          product_sum[e] *= acc_t(0.5) * MathOps<acc_t>::exp(acc_t(0.5) * logvar_tile[e]);
-        }
+        scale_by_half_sigma(n, load_tile(advance(logvar_data, type, k0), type, n, logvar_buffer),
+                            product_sum);
         store_tile(product_sum, n, advance(grad_logvar.mutable_data_ptr(), type, k0), type);
       }
     }
