@@ -30,8 +30,8 @@ LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
 
 # Elements per event tile (S × BLOCK_D) and per latent tile (ROWS_L × BLOCK_L): large enough
 # for wide vector loads, small enough to stay in registers with 4-8 warps.
-_EVENT_TILE = 2048
-_LATENT_TILE = 1024
+_EVENT_TILE = 1024
+_LATENT_TILE = 512
 _MIN_BLOCK = 16
 _ROWS_BLOCK = 128  # rows per program of the final per-row pass
 

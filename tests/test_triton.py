@@ -109,7 +109,7 @@ def test_stream_at_matches_the_reference_stream():
 # ----------------------------------------------------------------------------------------------
 # the fused loss on grids with several row groups, event tiles and latent tiles
 # ----------------------------------------------------------------------------------------------
-# S=2, D=1500: 2 event tiles of 1024; d=20: 1 latent tile; B=19 rows: 2 row groups of 8 programs.
+# S=2, D=1500: 3 event tiles of 2x512; d=20: 1 latent tile; the 19 rows split over 2 row groups.
 SAMPLES, BATCH, EVENT, LATENT = 2, 19, 1500, 20
 
 
