@@ -2,6 +2,8 @@
 worker ``torch.multiprocessing.spawn`` runs in each process (it must live in an importable
 module, not in the test file's closures)."""
 import os
+import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -61,12 +63,18 @@ def gradients(model):
 
 
 def run(rank, world_size, port, out_prefix, backend):
-    """One DDP rank: for each scenario, backward on the local shard; save the all-reduced grads."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)  # two processes on a two-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    """One DDP rank: for each scenario, backward on the local shard; save the all-reduced grads.
+
+    The process ends with ``os._exit``, skipping the process group's teardown: in this torch
+    (2.13) freeing a gloo process group right after a backward can deadlock. A finished
+    all-reduce keeps the backward's ``contextvars.Context`` (stashed in thread-local state by
+    ``torch.autograd``) and the gloo thread needs the GIL to free it, while the main thread holds
+    the GIL joining that thread in ``~ProcessGroupGloo`` (seen here; pytorch/pytorch#182083)."""
     try:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        torch.set_num_threads(1)  # two processes on a two-core machine
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fastvae.set_backend(backend)
         model = DistributedDataParallel(make_model())
         x, shift = data()
@@ -78,5 +86,8 @@ def run(rank, world_size, port, out_prefix, backend):
             loss.backward()
             results[(reduction, free_bits)] = gradients(model.module)
         torch.save(results, f"{out_prefix}.rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)

@@ -5,6 +5,8 @@ backend under test (the shared ``backend`` fixture); the CUDA cases skip without
 Inductor compiles are slow on small machines: only ``test_compiled_training_step_matches_eager``
 uses inductor, once per backend."""
 import copy
+import socket
+import time
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ddp_worker
 import fastvae
 from fastvae import _backends, _ops
 
@@ -165,8 +168,8 @@ def test_first_compiled_call_in_a_fresh_process_compiles_once(backend, monkeypat
 # ----------------------------------------------------------------------------------------------
 # torch.library.opcheck for the ops and arguments tests/test_edge_cases.py does not cover
 # ----------------------------------------------------------------------------------------------
-def _leaf(*shape, dtype=torch.float32, grad=True):
-    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_(grad)
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_()
 
 
 def _elbo_args(backend, dtype=torch.float32, x_logvar=(1, 1, 1), prior=None, bernoulli=False,
@@ -310,8 +313,10 @@ def test_autocast_cuda(backend, dtype):
 # ----------------------------------------------------------------------------------------------
 # 3. DistributedDataParallel (gloo, two CPU processes)
 # ----------------------------------------------------------------------------------------------
+DDP_TIMEOUT_S = 120
+
+
 def _free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -322,11 +327,18 @@ def test_ddp_gradients_match_one_process(backend, tmp_path):
     the whole-batch gradients divided by the world size (multiply the loss by it). Free bits:
     each rank decides active dims on its own shard, so DDP equals the mean of per-shard runs,
     not the whole-batch run."""
-    import ddp_worker as w
+    w = ddp_worker
     world = 2
     prefix = str(tmp_path / "grads")
-    torch.multiprocessing.spawn(w.run, args=(world, _free_port(), prefix, backend), nprocs=world,
-                                join=True)
+    workers = torch.multiprocessing.start_processes(
+        w.run, args=(world, _free_port(), prefix, backend), nprocs=world, join=False,
+        start_method="spawn")
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    while not workers.join(timeout=1):  # raises if a worker fails
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the DDP workers did not finish within {DDP_TIMEOUT_S} s")
     ranks = [torch.load(f"{prefix}.rank{r}.pt") for r in range(world)]
     x, shift = w.data()
     seeds = [w.SEED + r for r in range(world)]
