@@ -2,7 +2,10 @@
 ``fastvae.kernels``. Importing it fails (ImportError: backend unavailable) without Triton.
 
 It runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
-set before Triton is imported), which is how the tests exercise it.
+set before Triton is imported), which is how the tests exercise it. Besides the three contract
+functions it offers ``scale_by_upstream(grad, upstream)`` for the loss's backward on CUDA.
+The first call per shape autotunes (timing runs with host syncs): warm up before capturing a
+CUDA graph.
 """
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
