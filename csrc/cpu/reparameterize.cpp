@@ -93,7 +93,8 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
   const bool need_mu = grad_mu.defined(), need_logvar = grad_logvar.defined();
 
   if (samples == 1) {
-    if (need_mu) {
+    if (!need_logvar) {  // grad_mu is grad_z itself: no noise needed
+      if (!need_mu) return;
       at::parallel_for(0, latent, kTile, [&](int64_t begin, int64_t end) {
         alignas(64) acc_t grad_buffer[kTile];
         for (int64_t k0 = begin; k0 < end; k0 += kTile) {
@@ -102,12 +103,13 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
                      advance(grad_mu.mutable_data_ptr(), type, k0), type);
         }
       });
+      return;
     }
-    if (!need_logvar) return;
     parallel_noise(seed, numel, latent, [&](int64_t k, const float* noise, int64_t n) {
       alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
       alignas(64) acc_t logvar_buffer[kNoiseBlock], product[kNoiseBlock];
       const acc_t* grad = load_tile(advance(grad_data, grad_type, k), grad_type, n, grad_buffer);
+      if (need_mu) store_tile(grad, n, advance(grad_mu.mutable_data_ptr(), type, k), type);
       const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
       vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
         using T = typename decltype(width)::type;
