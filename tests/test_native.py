@@ -162,3 +162,21 @@ def test_gradcheck_reparameterize():
 
     with fastvae.use_backend("native"):
         assert torch.autograd.gradcheck(sample, (_leaf(4, 5), _leaf(4, 5, scale=0.5)))
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("need_mu,need_logvar", [(True, True), (True, False), (False, True),
+                                                 (False, False)])
+def test_reparameterize_backward_matches_reference(samples, need_mu, need_logvar):
+    from fastvae import reference
+    g = torch.Generator().manual_seed(11)
+    logvar = torch.randn(1000, generator=g, dtype=torch.float64)
+    grad_z = torch.randn(samples * 1000, generator=g, dtype=torch.float64)
+    seed = torch.tensor(2**50 + 3, dtype=torch.int64)
+    got = ops.reparameterize_backward(grad_z, logvar, seed, samples, need_mu, need_logvar)
+    want = reference.reparameterize_backward(grad_z, logvar, seed, samples, need_mu, need_logvar)
+    for a, b, needed in zip(got, want, (need_mu, need_logvar)):
+        if needed:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        else:
+            assert a.numel() == 0
