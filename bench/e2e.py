@@ -30,7 +30,7 @@ import train_digits  # noqa: E402  (examples/ is not a package)
 DIGITS_BATCH = 64
 
 
-def digits_rows(epochs, device, wait_idle):
+def digits_rows(epochs, device, attempts, wait_idle):
     train_x, held_out_x = train_digits.load_digits_split(seed=0)
     torch.manual_seed(0)
     initial_state = train_digits.DigitsVAE().state_dict()
@@ -39,17 +39,14 @@ def digits_rows(epochs, device, wait_idle):
     runs.append(("distributions", None, train_digits.distributions_negative_elbo))
     rows = []
     for name, backend, loss_fn in tqdm(runs, desc="digits training", unit="run", file=sys.stderr):
-        measure.wait_until_idle(wait_idle, measure.NOISY_OTHER_CORES)
-        load = measure.other_processes_load()
-        if load is not None:
-            load.start()
-        model = train_digits.DigitsVAE()
-        model.load_state_dict(initial_state)
-        torch.manual_seed(1)  # the same noise draws for the torch.distributions run each time
-        with fastvae.use_backend(backend or "auto"):
-            result = train_digits.train(model, train_x, held_out_x, loss_fn=loss_fn,
-                                        epochs=epochs, batch_size=DIGITS_BATCH, progress=False)
-        other_cores = None if load is None else load.stop()
+        def train():
+            model = train_digits.DigitsVAE()
+            model.load_state_dict(initial_state)
+            torch.manual_seed(1)  # the same noise draws for the torch.distributions run each time
+            with fastvae.use_backend(backend or "auto"):
+                return train_digits.train(model, train_x, held_out_x, loss_fn=loss_fn,
+                                          epochs=epochs, batch_size=DIGITS_BATCH, progress=False)
+        result, other_cores = measure.least_disturbed(train, attempts, wait_idle)
         rows.append({"workload": "digits", "implementation": name,
                      "batch": DIGITS_BATCH, "event": 64, "latent": 8, "epochs": epochs,
                      "steps": result["steps"],
@@ -100,7 +97,7 @@ def synthetic_step_ms(sample, loss, batch, pixels, hidden, latent, steps, device
     return statistics.median(times)
 
 
-def synthetic_rows(batch, pixels, hidden, latent, steps, device, wait_idle):
+def synthetic_rows(batch, pixels, hidden, latent, steps, device, attempts, wait_idle):
     torch._dynamo.reset()
     runs = [(f"fastvae-{name}", fastvae_sample(name), fastvae_loss(name))
             for name in fastvae_backends(device)]
@@ -110,12 +107,9 @@ def synthetic_rows(batch, pixels, hidden, latent, steps, device, wait_idle):
              ("trivial loss (model only)", plain_sample, trivial_loss)]
     step_ms, other_cores = {}, {}
     for name, sample, loss in tqdm(runs, desc="synthetic steps", unit="run", file=sys.stderr):
-        measure.wait_until_idle(wait_idle, measure.NOISY_OTHER_CORES)
-        load = measure.other_processes_load()
-        if load is not None:
-            load.start()
-        step_ms[name] = synthetic_step_ms(sample, loss, batch, pixels, hidden, latent, steps, device)
-        other_cores[name] = None if load is None else load.stop()
+        step_ms[name], other_cores[name] = measure.least_disturbed(
+            lambda: synthetic_step_ms(sample, loss, batch, pixels, hidden, latent, steps, device),
+            attempts, wait_idle)
     model_only = step_ms["trivial loss (model only)"]
     return [{"workload": "synthetic", "implementation": name, "batch": batch, "event": pixels,
              "latent": latent, "hidden": hidden, "steps": steps, "step_ms": ms,
@@ -134,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch (default: torch's, one per core)")
+    parser.add_argument("--attempts", type=int, default=measure.attempts_default(),
+                        help="as for python -m bench")
     parser.add_argument("--wait-idle", type=float, default=measure.wait_idle_default(),
                         metavar="SECONDS", help="as for python -m bench")
     parser.add_argument("--out-dir", type=Path, default=report.RESULTS_DIR)
@@ -143,10 +139,10 @@ def main(argv=None):
     device = torch.device(args.device)
     env = report.environment(device)
 
-    digits = (digits_rows(args.digits_epochs, device, args.wait_idle) if args.digits_epochs > 0
-              else [])
+    digits = (digits_rows(args.digits_epochs, device, args.attempts, args.wait_idle)
+              if args.digits_epochs > 0 else [])
     synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps, device,
-                               args.wait_idle)
+                               args.attempts, args.wait_idle)
     title = (f"on {env['device']} ({env['cpu']}, {env['cores']} cores, {env['torch_threads']} "
              f"torch threads), allocator "
              f"{env['allocator']}, torch {env['torch']}, {env['date']}")

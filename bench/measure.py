@@ -206,3 +206,22 @@ def other_processes_load():
         return OtherProcessesLoad()
     except (OSError, ValueError):
         return None
+
+
+def least_disturbed(run, attempts=1, wait_idle=0.0):
+    """``(result, other_cores)`` of the call of ``run()`` least disturbed by other processes:
+    a call during which they used the CPU is repeated, up to ``attempts`` calls in all, each
+    after waiting up to ``wait_idle`` seconds for an idle CPU."""
+    best = None
+    for _ in range(attempts):
+        wait_until_idle(wait_idle, NOISY_OTHER_CORES)
+        load = other_processes_load()
+        if load is not None:
+            load.start()
+        result = run()
+        others = None if load is None else load.stop()
+        if best is None or (others or 0) < (best[1] or 0):
+            best = (result, others)
+        if others is None or others <= NOISY_OTHER_CORES:
+            break
+    return best

@@ -79,11 +79,9 @@ def benchmark_case(case, implementation, device, clock, args):
     with torch.no_grad():
         loss = float(implementation(inputs)[0])  # checked against the other implementations
     peak = measure.peak_memory_bytes(implementation, inputs, clock)
-    load = measure.other_processes_load()
-    if load is not None:
-        load.start()
-    samples = measure.time_phases(implementation, inputs, clock, args.min_reps, args.min_seconds)
-    other_cores = None if load is None else load.stop()
+    samples, other_cores = measure.least_disturbed(
+        lambda: measure.time_phases(implementation, inputs, clock, args.min_reps,
+                                    args.min_seconds), args.attempts, args.wait_idle)
     rows = []
     for phase in measure.PHASES:
         stats = measure.summarise(samples[phase])
@@ -94,21 +92,6 @@ def benchmark_case(case, implementation, device, clock, args):
                      "saved_extra_bytes": saved_extra, "first_call_ms": first_ms,
                      "other_cpu_cores": other_cores, "loss": loss})
     return rows
-
-
-def least_disturbed_run(case, implementation, device, clock, args):
-    """The rows of the attempt least disturbed by other processes: a run during which they
-    used the CPU is repeated, up to ``args.attempts`` times in all."""
-    best = None
-    for _ in range(args.attempts):
-        measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
-        rows = benchmark_case(case, implementation, device, clock, args)
-        others = rows[0]["other_cpu_cores"]
-        if best is None or (others or 0) < (best[0]["other_cpu_cores"] or 0):
-            best = rows
-        if others is None or others <= measure.NOISY_OTHER_CORES:
-            break
-    return best
 
 
 def main(argv=None):
@@ -136,7 +119,7 @@ def main(argv=None):
         if needed > MEMORY_HEADROOM * free_memory_bytes(device):
             skipped.append(f"{implementation.name} at {case.label()} (needs ~{needed / 2**30:.1f} GiB)")
             continue
-        for row in least_disturbed_run(case, implementation, device, clock, args):
+        for row in benchmark_case(case, implementation, device, clock, args):
             bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3
             rows.append({**env, "copy_gbps": copy_gbps, "batch": case.batch, "event": case.event,
                          "latent": case.latent, "decoder": case.decoder, "dtype": case.dtype,

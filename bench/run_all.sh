@@ -5,7 +5,9 @@
 #      to the OS on free, so every fresh B×D tensor pays page faults),
 #   3. end-to-end training (python -m bench.e2e), digits VAE and a large-batch synthetic step,
 #      under the default allocator.
-# Extra arguments go to both kernel runs, e.g. bench/run_all.sh --full.
+# Extra arguments go to both kernel runs, e.g. bench/run_all.sh --full. On a shared machine,
+# FASTVAE_BENCH_ATTEMPTS=3 FASTVAE_BENCH_WAIT_IDLE=5 bench/run_all.sh re-measures runs that other
+# processes disturbed (see bench/README.md, "Noise").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
