@@ -62,8 +62,10 @@ class ImageVAE(nn.Module):
 
     def __init__(self, pixels, hidden, latent):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, 2 * latent))
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, pixels))
+        self.encoder = nn.Sequential(nn.Linear(pixels, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, pixels))
         self.x_logvar = nn.Parameter(torch.zeros(pixels))
 
 
@@ -141,8 +143,8 @@ def main(argv=None):
 
     digits = (digits_rows(args.digits_epochs, device, args.attempts, args.wait_idle)
               if args.digits_epochs > 0 else [])
-    synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps, device,
-                               args.attempts, args.wait_idle)
+    synthetic = synthetic_rows(args.batch, args.pixels, args.hidden, args.latent, args.steps,
+                               device, args.attempts, args.wait_idle)
     title = (f"on {env['device']} ({env['cpu']}, {env['cores']} cores, {env['torch_threads']} "
              f"torch threads), allocator "
              f"{env['allocator']}, torch {env['torch']}, {env['date']}")

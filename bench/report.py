@@ -108,7 +108,8 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
             continue
         figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(12, 4.8))
         for name in dict.fromkeys(row["implementation"] for row in series_rows):
-            points = sorted((row["batch"], row) for row in series_rows if row["implementation"] == name)
+            points = sorted((row["batch"], row) for row in series_rows
+                            if row["implementation"] == name)
             x = [batch for batch, _ in points]
             median = [row["median_ms"] for _, row in points]
             errors = [[row["median_ms"] - row["p20_ms"] for _, row in points],

@@ -28,10 +28,12 @@ def free_memory_bytes(device):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true",
-                        help="the full sweep over B, D, d, decoder and dtype (hours on 2 CPU cores)")
+                        help="the full sweep over B, D, d, decoder and dtype "
+                             "(hours on 2 CPU cores)")
     ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
     words = lambda text: text.split(",")  # noqa: E731
-    parser.add_argument("--batch", type=ints, help=f"B values, comma-separated (full: {FULL_BATCHES})")
+    parser.add_argument("--batch", type=ints,
+                        help=f"B values, comma-separated (full: {FULL_BATCHES})")
     parser.add_argument("--event", type=ints, help=f"D values (full: {FULL_EVENTS})")
     parser.add_argument("--latent", type=ints, help=f"d values (full: {FULL_LATENTS})")
     parser.add_argument("--decoder", type=words, help=f"of {DECODERS}")
@@ -104,7 +106,8 @@ def main(argv=None):
     implementations = [impl for impl in all_implementations(device)
                        if args.impl is None or impl.name in args.impl]
     cases = selected_cases(args)
-    print(f"{env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), device {env['device']}, allocator "
+    print(f"{env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), "
+          f"device {env['device']}, allocator "
           f"{env['allocator']}; torch {env['torch']}, fastvae {env['fastvae']} (backends: "
           f"{env['backends']}), python {env['python']}")
     measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
@@ -117,7 +120,8 @@ def main(argv=None):
     for case, implementation in tqdm(jobs, desc="kernels", unit="run", file=sys.stderr):
         needed = implementation.peak_batch_by_event_tensors * case.batch_by_event_bytes()
         if needed > MEMORY_HEADROOM * free_memory_bytes(device):
-            skipped.append(f"{implementation.name} at {case.label()} (needs ~{needed / 2**30:.1f} GiB)")
+            skipped.append(f"{implementation.name} at {case.label()} "
+                           f"(needs ~{needed / 2**30:.1f} GiB)")
             continue
         for row in benchmark_case(case, implementation, device, clock, args):
             bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3

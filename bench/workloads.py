@@ -98,7 +98,8 @@ def make_inputs(case, device, seed=0):
     return {
         "x": x,
         "x_hat": x_hat,
-        "x_logvar": uniform(b, D, -2.0, 1.0, requires_grad=True) if case.decoder == "x_logvar" else None,
+        "x_logvar": (uniform(b, D, -2.0, 1.0, requires_grad=True)
+                     if case.decoder == "x_logvar" else None),
         "sigma": FIXED_SIGMA if case.decoder == "sigma" else None,
         "likelihood": "bernoulli" if case.decoder == "bernoulli" else "gaussian",
         "mu": uniform(b, d, -1.0, 1.0, requires_grad=True),

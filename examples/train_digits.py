@@ -46,7 +46,8 @@ class DigitsVAE(nn.Module):
                                      nn.Linear(hidden, 2 * latent))
         self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(),
                                      nn.Linear(hidden, n_pixels))
-        self.raw_x_logvar = nn.Parameter(torch.zeros(n_pixels)) if likelihood == "gaussian" else None
+        self.raw_x_logvar = (nn.Parameter(torch.zeros(n_pixels)) if likelihood == "gaussian"
+                             else None)
 
     def encode(self, x):
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
