@@ -11,6 +11,8 @@ import torch
 
 import fastvae
 
+from .measure import NOISY_OTHER_CORES
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -93,8 +95,8 @@ def print_table(title, columns, rows, file=sys.stdout):
 
 def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
     """One PNG per series with several batch sizes: median time (20th–80th percentile bars)
-    and GB/s against B, one line per implementation, the bandwidth bound dashed. Returns the
-    paths written."""
+    and GB/s against B, one line per implementation, the bandwidth bound dashed, points
+    measured while other processes used the CPU circled in red. Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,6 +109,7 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
         if len(batches) < 2:
             continue
         figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(12, 4.8))
+        any_disturbed = False
         for name in dict.fromkeys(row["implementation"] for row in series_rows):
             points = sorted((row["batch"], row) for row in series_rows
                             if row["implementation"] == name)
@@ -116,6 +119,13 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
                       [row["p80_ms"] - row["median_ms"] for _, row in points]]
             time_axis.errorbar(x, median, yerr=errors, marker="o", capsize=3, label=name)
             rate_axis.plot(x, [row["gbps"] for _, row in points], marker="o", label=name)
+            disturbed = [(batch, row) for batch, row in points
+                         if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
+            for axis, key in ((time_axis, "median_ms"), (rate_axis, "gbps")):
+                axis.scatter([b for b, _ in disturbed], [row[key] for _, row in disturbed],
+                             s=120, facecolors="none", edgecolors="red", zorder=3,
+                             label=None if any_disturbed else "disturbed by other processes")
+            any_disturbed = any_disturbed or bool(disturbed)
         bound = {row["batch"]: row["bound_ms"] for row in series_rows}
         time_axis.plot(batches, [bound[b] for b in batches], "k--", label="bandwidth bound")
         rate_axis.axhline(copy_gbps, color="k", linestyle="--",
@@ -141,3 +151,28 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def read_csv(path):
+    """Rows of a kernels CSV with their numbers as numbers (empty cells as None)."""
+    def value(text):
+        if text == "":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    with open(path, newline="") as handle:
+        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(handle)]
+
+
+if __name__ == "__main__":
+    # Re-draw the plots of a kernels CSV: python -m bench.report bench/results/kernels_glibc.csv
+    for csv_path in map(Path, sys.argv[1:]):
+        csv_rows = read_csv(csv_path)
+        csv_tag = csv_path.stem.removeprefix("kernels_")
+        for png in plot_batch_sweeps(csv_rows, csv_path.parent, csv_tag, csv_rows[0]["copy_gbps"]):
+            print(f"plot: {png}")
