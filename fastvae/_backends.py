@@ -15,7 +15,9 @@ import torch
 BACKENDS = ("auto", "triton", "native", "reference")
 _MODULES = {"reference": "fastvae.reference", "native": "fastvae._native", "triton": "fastvae._triton"}
 
-_selected = None  # None until first use: then FASTVAE_BACKEND or 'auto'
+# Read at import, validated on use: an unknown name in FASTVAE_BACKEND fails the first call.
+# (Set eagerly so torch.compile never traces a first-use initialisation.)
+_selected = os.environ.get("FASTVAE_BACKEND", "auto")
 _load_errors = {}
 _warned = set()
 
@@ -50,10 +52,8 @@ def available_backends():
 
 
 def get_backend():
-    global _selected
-    if _selected is None:
-        _selected = _check_name(os.environ.get("FASTVAE_BACKEND", "auto"))
-    return _selected
+    """The selected backend name ('auto' unless set)."""
+    return _check_name(_selected)
 
 
 def set_backend(name):

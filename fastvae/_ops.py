@@ -121,7 +121,9 @@ def _elbo_grad(ctx, grad_loss, *unused_grads):
         grads = [g if need else None for g, need in zip(out[4:], needs)]
     else:
         beta, kl_term, *saved = ctx.saved_tensors
-        grads = [_scale(g, grad_loss) if need else None for g, need in zip(saved, ctx.needs_grad)]
+        unit = _is_one(grad_loss)
+        grads = [(g if unit else _scale(g, grad_loss)) if need else None
+                 for g, need in zip(saved, ctx.needs_grad)]
     grad_beta = None
     if ctx.beta_needs_grad:
         total = kl_term.mean() if ctx.reduction == "mean" else None
@@ -138,15 +140,21 @@ def _traced(tensor: Tensor) -> bool:
             or torch._is_functional_tensor(tensor))
 
 
+def _is_one(grad_loss: Tensor) -> bool:
+    """Whether the upstream gradient is the scalar 1 of a plain ``loss.backward()``, in which
+    case the gradients formed in forward are already final: no pass over them at all. Only
+    read for a concrete CPU scalar (no device sync; never while tracing)."""
+    return (grad_loss.dim() == 0 and grad_loss.device.type == "cpu" and not _traced(grad_loss)
+            and grad_loss.item() == 1.0)
+
+
 def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    """``grad`` (computed in forward with unit upstream gradient) times the upstream gradient."""
-    if grad_loss.dim() == 0:
-        if grad_loss.device.type == "cpu" and not _traced(grad_loss) and grad_loss.item() == 1.0:
-            return grad  # the usual loss.backward(): no pass over the gradient at all
-        return grad * grad_loss.to(grad.dtype)
-    # reduction='none': one weight per datapoint, the leading dim of every per-row gradient
-    # (x_hat has a sample dim first).
+    """``grad`` (computed in forward with unit upstream gradient) times the upstream gradient:
+    a scalar for 'mean'/'sum', one weight per datapoint for 'none' (the leading dim of every
+    per-row gradient; ``x_hat``'s and ``x_logvar``'s second, after the sample dim)."""
     weights = grad_loss.to(grad.dtype)
+    if grad_loss.dim() == 0:
+        return grad * weights
     if grad.dim() == 3:
         return grad * weights.view(1, -1, 1)
     return grad * weights.view(-1, *([1] * (grad.dim() - 1)))

@@ -2,19 +2,15 @@
 ``fastvae.kernels``. Importing it fails (ImportError: backend unavailable) without Triton.
 
 It runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
-set before Triton is imported), which is how the tests exercise it. Besides the three contract
-functions it offers ``scale_by_upstream(grad, upstream)`` for the loss's backward on CUDA.
-The first call per shape autotunes (timing runs with host syncs): warm up before capturing a
-CUDA graph.
+set before Triton is imported), which is how the tests exercise it. The first call per shape
+autotunes (timing runs with host syncs): warm up before capturing a CUDA graph.
 """
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from .kernels._launch import INTERPRETED
 from .kernels.elbo import elbo
 from .kernels.reparameterize import reparameterize_backward, reparameterize_forward
-from .kernels.scale import scale_by_upstream
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
-__all__ = ["DEVICE_TYPES", "elbo", "reparameterize_backward", "reparameterize_forward",
-           "scale_by_upstream"]
+__all__ = ["DEVICE_TYPES", "elbo", "reparameterize_backward", "reparameterize_forward"]

@@ -12,7 +12,7 @@ reshaping and broadcasting, so a backend only sees the shapes documented here.
 
 ``reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar)``
     ``grad_z``: contiguous ``[n_samples * K]``. Returns ``(grad_mu, grad_logvar)``, each
-    ``[K]`` in ``logvar``'s dtype, or an empty tensor when not needed. ε is regenerated.
+    ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is regenerated.
 
 ``elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
        free_bits, bernoulli, reduction, grad_scale, needs_grad)``
@@ -35,8 +35,8 @@ reshaping and broadcasting, so a backend only sees the shapes documented here.
       ``loss`` = ``nll + beta * kl_term`` reduced (0-dim for 'mean'/'sum', ``[B]`` for 'none').
       These are float32 (float64 when any input is float64).
       ``grads``: a 7-tuple, entry i the gradient of ``sum_b w_b * loss_b`` with respect to
-      input i, in that input's dtype and shape, or an empty tensor where ``needs_grad[i]`` is
-      False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for 'mean' and 1 otherwise.
+      input i, in that input's dtype and shape, or an empty tensor in ``x``'s dtype where
+      ``needs_grad[i]`` is False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for 'mean' and 1 otherwise.
       A broadcast input's gradient is summed over the dims it was broadcast along.
 """
 import math
@@ -54,10 +54,6 @@ def accumulation_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
 
 
-def _empty(device) -> torch.Tensor:
-    return torch.empty(0, device=device)
-
-
 def _noise(seed, numel, dtype):
     return normal_stream(seed, numel).to(dtype)
 
@@ -72,13 +68,13 @@ def reparameterize_forward(mu, logvar, seed, n_samples):
 def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
     acc = accumulation_dtype(logvar)
     grad = grad_z.to(acc).view(n_samples, logvar.numel())
-    grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else _empty(logvar.device)
+    grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else logvar.new_empty(0)
     if need_logvar:
         eps = _noise(seed, grad_z.numel(), acc).view(n_samples, logvar.numel())
         half_sigma = 0.5 * torch.exp(0.5 * logvar.to(acc))
         grad_logvar = ((grad * eps).sum(0) * half_sigma).to(logvar.dtype)
     else:
-        grad_logvar = _empty(logvar.device)
+        grad_logvar = logvar.new_empty(0)
     return grad_mu, grad_logvar
 
 
@@ -116,8 +112,10 @@ def _nll_rows_and_grads(x, x_hat, x_logvar, bernoulli, weight, needs_grad):
     d_x = residual * torch.exp(-x_logvar)       # ∂/∂x of the NLL, = −∂/∂x_hat
     scaled_sq = residual.mul_(d_x)              # (x − m)²·e^−lv
     features = x_hat.shape[-1]
-    logvar_rows = x_logvar.sum(-1) * (features / x_logvar.shape[-1]) if x_logvar.dim() else \
-        x_logvar * features
+    if x_logvar.dim() and x_logvar.shape[-1] == features:
+        logvar_rows = x_logvar.sum(-1)
+    else:  # one log-variance for every feature (0-dim: the constant, or [Sl, Bl, 1])
+        logvar_rows = (x_logvar.squeeze(-1) if x_logvar.dim() else x_logvar) * features
     rows = 0.5 * (scaled_sq.sum(-1) + logvar_rows + features * LOG_2PI)
     d_x_logvar = scaled_sq.neg_().add_(1.0).mul_(0.5 * weight) if need_x_logvar else None
     d_x = d_x.mul_(weight) if need_x or need_x_hat else None
@@ -168,7 +166,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
     grads = []
     for i, tensor in enumerate(inputs):
         if not needs_grad[i]:
-            grads.append(_empty(x.device))
+            grads.append(x.new_empty(0))
             continue
         if i < 3:
             grad = nll_grads[i]

@@ -1,5 +1,5 @@
 """fastvae's Triton kernels, installed as ``fastvae.kernels``; ``fastvae._triton`` launches them.
 
-Modules: ``reparameterize`` (sampling with in-kernel noise), ``elbo`` (the fused loss),
-``scale`` (gradient times the upstream scalar), and the shared ``_launch`` / ``_convert``.
+Modules: ``reparameterize`` (sampling with in-kernel noise), ``elbo`` (the fused loss), and
+the shared ``_launch`` / ``_convert``.
 """

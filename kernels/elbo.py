@@ -367,8 +367,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
     acc_dtype = torch_accumulation_dtype(x, x_hat, x_logvar, mu)
     need = [bool(n) for n in needs_grad]
     inputs = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
-    grads = [torch.empty_like(t) if n else torch.empty(0, device=device)
-             for t, n in zip(inputs, need)]
+    grads = [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(inputs, need)]
 
     block_s = triton.next_power_of_2(max(n_samples, 1))
     block_d = max(_MIN_BLOCK, min(triton.next_power_of_2(event_size), _EVENT_TILE // block_s))

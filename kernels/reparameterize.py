@@ -120,8 +120,7 @@ def reparameterize_backward(grad_z: torch.Tensor, logvar: torch.Tensor, seed: to
     latent_size = logvar.numel()
 
     def output(needed):
-        return torch.empty(latent_size if needed else 0, dtype=logvar.dtype if needed else
-                           torch.float32, device=logvar.device)
+        return logvar.new_empty(latent_size if needed else 0)
 
     grad_mu, grad_logvar = output(need_mu), output(need_logvar)
     if latent_size == 0 or not (need_mu or need_logvar):

@@ -1,7 +1,7 @@
 """What the shared suite does not cover for the Triton backend: the in-kernel noise stream
 (including int64 offsets past 2**31), bitwise repeatability of the partial-sum reductions on
 grids with several row groups and tiles, every x_logvar / prior broadcast layout on such grids,
-half-precision error against PyTorch's own, and the upstream-scale kernel.
+and half-precision error against PyTorch's own.
 
 Runs on CPU under the interpreter: ``TRITON_INTERPRET=1 python -m pytest tests/test_triton.py``.
 """
@@ -29,7 +29,6 @@ tl = pytest.importorskip("triton.language")
 import fastvae  # noqa: E402
 from fastvae import _philox, _triton, reference  # noqa: E402
 from fastvae.kernels.reparameterize import stream_normal  # noqa: E402
-from fastvae.kernels.scale import scale_by_upstream  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # the noise stream
@@ -287,7 +286,6 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
     latent = tensor(40, dtype)
     _triton.reparameterize_forward(latent, latent, torch.tensor(1), 3)
     _triton.reparameterize_backward(tensor(120, dtype), latent, torch.tensor(1), 3, True, True)
-    _triton.scale_by_upstream(latent, torch.tensor(2.0))
 
 S, B, D, d = 2, 6, 300, 5
 every_config = True
@@ -315,18 +313,3 @@ def test_kernels_compile_for_ampere_and_hopper():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "kernel variants compiled" in result.stdout
-
-
-# ----------------------------------------------------------------------------------------------
-# the upstream-scale kernel
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16,
-                                        torch.float64])
-@pytest.mark.parametrize("upstream_dtype", [torch.float32, torch.float64])
-def test_scale_by_upstream_matches_pytorch_bitwise(grad_dtype, upstream_dtype):
-    g = torch.Generator().manual_seed(11)
-    grad = (torch.randn(5000, generator=g, dtype=torch.float64) * 3).to(grad_dtype)
-    upstream = torch.tensor(0.3711, dtype=upstream_dtype)
-    got = scale_by_upstream(grad, upstream)
-    assert got.dtype == grad_dtype
-    assert torch.equal(got, grad * upstream.to(grad_dtype))
