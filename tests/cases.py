@@ -1,8 +1,17 @@
 """The shared cases: inputs for every option of ``elbo_loss``, built in any dtype."""
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+# The device every shared case runs on: ``FASTVAE_TEST_DEVICE=cuda`` runs the suite on a GPU.
+TEST_DEVICE = torch.device(os.environ.get("FASTVAE_TEST_DEVICE", "cpu"))
+
+
+def generator(seed: int) -> torch.Generator:
+    """A generator on the test device, seeded."""
+    return torch.Generator(TEST_DEVICE).manual_seed(seed)
 
 BATCH, EVENT, LATENT = 5, (2, 3, 2), (3,)
 SAMPLES = 3

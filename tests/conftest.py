@@ -1,7 +1,8 @@
 """Every shared case runs once per backend under test.
 
 ``FASTVAE_TEST_BACKENDS`` (comma-separated) picks the backends; by default every available
-backend that runs on CPU here ('triton' only under ``TRITON_INTERPRET=1``).
+backend that runs on the test device (``FASTVAE_TEST_DEVICE``, default cpu; 'triton' runs on
+CPU only under ``TRITON_INTERPRET=1``). Tensors a test creates land on that device.
 """
 import os
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import fastvae
+from cases import TEST_DEVICE
 from fastvae import _backends
 
 
@@ -17,7 +19,7 @@ def backends_under_test():
     if chosen:
         return [name.strip() for name in chosen.split(",") if name.strip()]
     return [name for name in fastvae.available_backends()
-            if "cpu" in _backends.module(name).DEVICE_TYPES]
+            if TEST_DEVICE.type in _backends.module(name).DEVICE_TYPES]
 
 
 def pytest_configure(config):
@@ -26,8 +28,8 @@ def pytest_configure(config):
 
 @pytest.fixture(params=backends_under_test())
 def backend(request):
-    """The backend name; every fastvae call in the test runs on it."""
-    with fastvae.use_backend(request.param):
+    """The backend name; every fastvae call in the test runs on it, on the test device."""
+    with fastvae.use_backend(request.param), TEST_DEVICE:
         yield request.param
 
 

@@ -4,7 +4,7 @@ import torch
 
 import fastvae
 from fastvae import _backends, _ops
-from cases import CASES, build, differentiable
+from cases import CASES, build, differentiable, generator
 
 
 def test_empty_batch(backend):
@@ -37,7 +37,7 @@ def test_empty_event_and_latent(backend):
 
 def test_non_contiguous_inputs(backend):
     case = [c for c in CASES if c.name == "samples_datapoint"][0]
-    args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    args, kwargs = build(case, dtype=torch.float32, generator=generator(1))
     # the same values laid out transposed / strided in memory
     x_hat = args[1].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     mu = torch.zeros(5, 6)[:, ::2].copy_(args[2].detach()).requires_grad_()
@@ -56,7 +56,7 @@ def test_repeatable_bitwise(backend):
     case = [c for c in CASES if c.name == "free_bits_prior"][0]
     results = []
     for _ in range(2):
-        args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(6))
+        args, kwargs = build(case, dtype=torch.float32, generator=generator(6))
         loss = fastvae.elbo_loss(*args, **kwargs)
         loss.backward()
         results.append([loss] + [t.grad for _, t in differentiable(args, kwargs)])
@@ -163,7 +163,7 @@ def test_shared_inputs_with_reduction_none_recompute_in_backward(backend, monkey
 # ----------------------------------------------------------------------------------------------
 def test_opcheck_elbo(backend):
     case = [c for c in CASES if c.name == "samples_event"][0]
-    args, kwargs = build(case, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    args, kwargs = build(case, dtype=torch.float32, generator=generator(1))
     x, x_hat, mu, logvar = (a.detach() for a in args)
     op_args = (x.reshape(5, -1), x_hat.reshape(3, 5, -1).requires_grad_(),
                kwargs["x_logvar"].detach().reshape(1, 1, -1).requires_grad_(), 0.0,

@@ -4,7 +4,7 @@ import torch
 
 import fastvae
 import oracle
-from cases import CASES, build, cast, differentiable
+from cases import CASES, build, cast, differentiable, generator
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -20,7 +20,7 @@ def values_and_grads(fn, args, kwargs, upstream):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_distributions_float64(backend, case, reduction):
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     args, kwargs = build(case, generator=g)
     shape = (args[0].shape[0],) if reduction == "none" else ()
     upstream = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -41,7 +41,7 @@ def test_matches_distributions_float64(backend, case, reduction):
                                    "free_bits", "beta_tensor", "sigma_tensor")], ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(backend, case, reduction):
-    args, kwargs = build(case, generator=torch.Generator().manual_seed(11))
+    args, kwargs = build(case, generator=generator(11))
     names = [name for name, _ in differentiable(args, kwargs)]
     tensors = [t for _, t in differentiable(args, kwargs)]
     if case.free_bits:  # keep every dim away from the kink at the free-bits threshold
@@ -57,7 +57,7 @@ def test_gradcheck(backend, case, reduction):
 
 
 def test_module_matches_functional(backend):
-    args, kwargs = build(CASES[4], generator=torch.Generator().manual_seed(2))
+    args, kwargs = build(CASES[4], generator=generator(2))
     criterion = fastvae.ELBOLoss(beta=0.5, free_bits=0.1, reduction="sum")
     got = criterion(*args, x_logvar=kwargs["x_logvar"])
     want = fastvae.elbo_loss(*args, x_logvar=kwargs["x_logvar"], beta=0.5, free_bits=0.1,
@@ -84,7 +84,7 @@ def test_free_bits_clamps_inactive_dims(backend):
 
 
 def test_beta_tensor_change_no_rebuild(backend):
-    args, kwargs = build(CASES[0], generator=torch.Generator().manual_seed(5))
+    args, kwargs = build(CASES[0], generator=generator(5))
     beta = torch.tensor(0.0, dtype=torch.float64)
     nll_only = fastvae.elbo_loss(*args, beta=beta)
     beta.fill_(2.0)
@@ -105,10 +105,10 @@ def _max_error(got, want):
                                    "free_bits")], ids=str)
 def test_low_precision_no_worse_than_pytorch(backend, case, dtype):
     """Error against float64 no worse than twice PyTorch's own error in the same dtype."""
-    args64, kwargs64 = build(case, generator=torch.Generator().manual_seed(9))
+    args64, kwargs64 = build(case, generator=generator(9))
     args, kwargs = cast(args64, kwargs64, dtype)
     reduction = "none"
-    upstream = torch.randn(args64[0].shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    upstream = torch.randn(args64[0].shape[0], generator=generator(4), dtype=torch.float64)
     want, want_grads = values_and_grads(oracle.elbo_loss, args64, {**kwargs64, "reduction": reduction}, upstream)
     torch_out, torch_grads = values_and_grads(oracle.elbo_loss, args, {**kwargs, "reduction": reduction},
                                               upstream.to(dtype))
@@ -125,7 +125,7 @@ def test_low_precision_no_worse_than_pytorch(backend, case, dtype):
 
 def test_mixed_dtypes_bf16_decoder_fp32_target(backend):
     case = CASES[7]  # logvar_full
-    args, kwargs = build(case, generator=torch.Generator().manual_seed(8), dtype=torch.float32)
+    args, kwargs = build(case, generator=generator(8), dtype=torch.float32)
     x_hat = args[1].detach().bfloat16().requires_grad_()
     loss = fastvae.elbo_loss(args[0], x_hat, *args[2:], **kwargs)
     want = oracle.elbo_loss(args[0].double(), x_hat.double(), *(a.double() for a in args[2:]),
