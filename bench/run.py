@@ -110,9 +110,10 @@ def main(argv=None):
           f"device {env['device']}, allocator "
           f"{env['allocator']}; torch {env['torch']}, fastvae {env['fastvae']} (backends: "
           f"{env['backends']}), python {env['python']}")
-    measure.wait_until_idle(args.wait_idle, measure.NOISY_OTHER_CORES)
-    copy_gbps = measure.copy_bandwidth_gbps(device)
-    print(f"copy bandwidth: {copy_gbps:.1f} GB/s; {len(cases)} cases x "
+    copy_gbps, copy_others = measure.least_disturbed(
+        lambda: measure.copy_bandwidth_gbps(device), args.attempts, args.wait_idle)
+    print(f"copy bandwidth: {copy_gbps:.1f} GB/s (other processes used "
+          f"{copy_others or 0:.2f} cores meanwhile); {len(cases)} cases x "
           f"{len(implementations)} implementations: {', '.join(i.name for i in implementations)}")
 
     rows, skipped = [], []
@@ -125,7 +126,8 @@ def main(argv=None):
             continue
         for row in benchmark_case(case, implementation, device, clock, args):
             bound_ms = row["bound_bytes"] / (copy_gbps * 1e9) * 1e3
-            rows.append({**env, "copy_gbps": copy_gbps, "batch": case.batch, "event": case.event,
+            rows.append({**env, "copy_gbps": copy_gbps, "copy_other_cpu_cores": copy_others,
+                         "batch": case.batch, "event": case.event,
                          "latent": case.latent, "decoder": case.decoder, "dtype": case.dtype,
                          "series": case.series(), "implementation": implementation.name,
                          **row, "bound_ms": bound_ms, "x_bound": row["median_ms"] / bound_ms})
