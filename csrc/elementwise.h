@@ -8,18 +8,29 @@ namespace fastvae {
 
 constexpr double kLog2Pi = 1.8378770664093453;  // log(2π)
 
-// Gaussian NLL of x under N(mean, e^logvar) and its gradients.
+// Gaussian NLL of x under N(mean, e^logvar) and its gradients, given precision = e^-logvar
+// (computed apart so a kernel can form it once per broadcast value or in a separate sweep).
 template <typename T>
-FASTVAE_HD void gaussian_nll(T x, T mean, T logvar, T& nll, T& grad_x, T& grad_mean,
-                             T& grad_logvar) {
-  using M = MathOps<T>;
+FASTVAE_HD void gaussian_nll_with_precision(T x, T mean, T logvar, T precision, T& nll, T& grad_x,
+                                            T& grad_mean, T& grad_logvar) {
   const T residual = x - mean;
-  const T precision = M::exp(T(0) - logvar);
   const T scaled_square = residual * residual * precision;
   nll = constant<T>(0.5) * (scaled_square + logvar + constant<T>(kLog2Pi));
   grad_x = residual * precision;
   grad_mean = (mean - x) * precision;
   grad_logvar = constant<T>(0.5) * (constant<T>(1.0) - scaled_square);
+}
+
+template <typename T>
+FASTVAE_HD T gaussian_precision(T logvar) {
+  return MathOps<T>::exp(T(0) - logvar);
+}
+
+template <typename T>
+FASTVAE_HD void gaussian_nll(T x, T mean, T logvar, T& nll, T& grad_x, T& grad_mean,
+                             T& grad_logvar) {
+  gaussian_nll_with_precision(x, mean, logvar, gaussian_precision(logvar), nll, grad_x, grad_mean,
+                              grad_logvar);
 }
 
 // Bernoulli NLL of x given logits, softplus(l) - x*l in the stable form, and its gradients.

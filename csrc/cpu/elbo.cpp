@@ -108,10 +108,21 @@ struct NllTileSums {
   acc_t weighted_grad_logvar = 0;
 };
 
+// The precision e^-logvar is formed before the main loop (a sweep over the tile for a
+// per-element logvar, once for a broadcast one): the exp is an out-of-line call, and calls in
+// the main loop would spill its many live vectors around every one of them.
 template <typename acc_t, bool kBernoulli, bool kElementLogvar>
 NllTileSums<acc_t> nll_tile(int64_t n, const acc_t* x, const acc_t* mean, const acc_t* logvar,
                             acc_t logvar_scalar, acc_t weight, const NllTileOutputs<acc_t>& out) {
   using Vec = at::vec::Vectorized<acc_t>;
+  alignas(64) acc_t precision[kElementLogvar ? kTile : 1];
+  if constexpr (kElementLogvar) {
+    vectorized_for<acc_t>(n, [&](int64_t i, auto width) {
+      using T = typename decltype(width)::type;
+      store_as(gaussian_precision(load_as<T>(logvar + i)), precision + i);
+    });
+  }
+  const acc_t precision_scalar = kBernoulli ? acc_t(0) : gaussian_precision(logvar_scalar);
   Vec nll_vector(acc_t(0)), logvar_vector(acc_t(0));
   acc_t nll_scalar = 0, logvar_scalar_sum = 0;
   const auto element = [&](int64_t i, auto& nll_total, auto& logvar_grad_total) {
@@ -123,7 +134,9 @@ NllTileSums<acc_t> nll_tile(int64_t n, const acc_t* x, const acc_t* mean, const 
       bernoulli_nll(x_value, mean_value, nll, grad_x, grad_mean);
     } else {
       const T logvar_value = kElementLogvar ? load_as<T>(logvar + i) : T(logvar_scalar);
-      gaussian_nll(x_value, mean_value, logvar_value, nll, grad_x, grad_mean, grad_logvar);
+      const T precision_value = kElementLogvar ? load_as<T>(precision + i) : T(precision_scalar);
+      gaussian_nll_with_precision(x_value, mean_value, logvar_value, precision_value, nll, grad_x,
+                                  grad_mean, grad_logvar);
       if (out.grad_logvar) {
         const T weighted = grad_logvar * w;
         if (out.accumulate_logvar) {
