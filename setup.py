@@ -9,7 +9,6 @@ torch is deliberately not in ``install_requires``: pip could otherwise replace a
 custom build of torch with the default CUDA wheel.
 """
 import os
-import shutil
 import subprocess
 import sys
 
@@ -29,18 +28,21 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext):
         import torch  # the build is against the installed torch: hence --no-build-isolation
+        from torch.utils.cpp_extension import CUDA_HOME
 
         output_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
-        with_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
         configure = [
             "cmake", "-S", ROOT, "-B", build_dir, "-G", "Ninja",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DFASTVAE_OUTPUT_DIR={output_dir}",
-            f"-DFASTVAE_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        # CUDA kernels need both a CUDA build of torch and a CUDA toolkit.
+        if torch.version.cuda is not None and CUDA_HOME is not None:
+            configure += ["-DFASTVAE_WITH_CUDA=ON",
+                          f"-DCMAKE_CUDA_COMPILER={os.path.join(CUDA_HOME, 'bin', 'nvcc')}"]
         subprocess.run(configure, check=True)
         subprocess.run(["cmake", "--build", build_dir, "--parallel", str(os.cpu_count() or 1)],
                        check=True)
