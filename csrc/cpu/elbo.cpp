@@ -519,7 +519,9 @@ void elbo_kernel(const NllProblem& nll_problem, const KlProblem& kl_problem, con
                  at::Tensor& loss, at::Tensor& nll, at::Tensor& kl, at::Tensor& kl_term) {
   const int64_t batch = nll_problem.batch;
   const auto options = nll.options();
-  const acc_t beta_value = beta.item().to<acc_t>();
+  // Read from memory, so the kernel dispatches no host-read op.
+  acc_t converted_beta;
+  const acc_t beta_value = *load_tile(beta.const_data_ptr(), beta.scalar_type(), 1, &converted_beta);
   at::Tensor weights = grad_scale.has_value()
                            ? grad_scale->to(scalar_type_of<acc_t>()).contiguous()
                            : at::full({batch}, reduction == "mean" ? 1.0 / batch : 1.0, options);
