@@ -98,6 +98,7 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
     and GB/s against B, one line per implementation, the bandwidth bound dashed, points
     measured while other processes used the CPU circled in red. Returns the paths written."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -121,7 +122,7 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
             rate_axis.plot(x, [row["gbps"] for _, row in points], marker="o", label=name)
             disturbed = [(batch, row) for batch, row in points
                          if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
-            for axis, key in ((time_axis, "median_ms"), (rate_axis, "gbps")):
+            for axis, key in ((time_axis, "median_ms"), (rate_axis, "gbps")) if disturbed else ():
                 axis.scatter([b for b, _ in disturbed], [row[key] for _, row in disturbed],
                              s=120, facecolors="none", edgecolors="red", zorder=3,
                              label=None if any_disturbed else "disturbed by other processes")
@@ -139,6 +140,9 @@ def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
             axis.grid(True, which="both", alpha=0.3)
         time_axis.set_yscale("log")
         rate_axis.set_yscale("log")
+        rate_axis.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        rate_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        rate_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         time_axis.legend(fontsize=8)
         rate_axis.legend(fontsize=8)
         first = series_rows[0]
