@@ -4,7 +4,7 @@
 
 #include "math_ops.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 constexpr double kLog2Pi = 1.8378770664093453;  // log(2π)
 
@@ -74,4 +74,4 @@ FASTVAE_HD T reparameterized_sample(T mu, T logvar, T eps) {
   return mu + MathOps<T>::exp(constant<T>(0.5) * logvar) * eps;
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -14,7 +14,25 @@
 #define FASTVAE_HD inline
 #endif
 
-namespace fastvae {
+// The CPU kernels are compiled once per instruction set (CPU_CAPABILITY: AVX2, AVX512) and
+// the CUDA ones by nvcc. Each copy of the shared code lives in an inline namespace named after
+// its instruction set, so the copies never merge at link time (an AVX-512 copy must never run
+// on an AVX2-only machine).
+#if defined(__CUDACC__)
+#define FASTVAE_ISA device
+#elif defined(CPU_CAPABILITY)
+#define FASTVAE_ISA CPU_CAPABILITY
+#else
+#define FASTVAE_ISA generic
+#endif
+#define FASTVAE_NAMESPACE_BEGIN \
+  namespace fastvae {           \
+  inline namespace FASTVAE_ISA {
+#define FASTVAE_NAMESPACE_END \
+  }                           \
+  }
+
+FASTVAE_NAMESPACE_BEGIN
 
 template <typename T>
 struct MathOps;
@@ -51,4 +69,4 @@ FASTVAE_HD T constant(double value) {
   return T(static_cast<typename MathOps<T>::Scalar>(value));
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -3,7 +3,7 @@
 
 #include "math_ops.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
@@ -56,4 +56,4 @@ FASTVAE_HD void box_muller(F u1, F u2, F& normal1, F& normal2) {
 // Number of Philox calls for a stream of `numel` normals: output j of call q is element j*Q + q.
 FASTVAE_HD int64_t philox_quarter(int64_t numel) { return (numel + 3) / 4; }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -7,7 +7,6 @@
 // at::parallel_for spreads the chunks over threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <array>
 #include <vector>
@@ -15,10 +14,11 @@
 #include "../elementwise.h"
 #include "huge_pages.h"
 #include "loops.h"
+#include "kernels.h"
 #include "tiles.h"
 #include "vec_math_ops.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 namespace {
 
 enum Input { kX, kXHat, kXLogvar, kMu, kLogvar, kPriorMu, kPriorLogvar, kInputCount };
@@ -495,9 +495,6 @@ void kl_pass(const KlProblem& p, const acc_t* weights, acc_t* kl, acc_t* kl_term
 // ------------------------------------------------------------------------------------------
 // The op
 // ------------------------------------------------------------------------------------------
-using ElboOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 void check_input(const char* name, const at::Tensor& tensor, int64_t dims) {
   TORCH_CHECK(tensor.dim() == dims && tensor.is_contiguous() && tensor.is_floating_point() &&
                   tensor.is_cpu(),
@@ -515,7 +512,7 @@ void check_size(const char* name, const at::Tensor& tensor, int64_t dim, int64_t
 
 template <typename acc_t>
 void elbo_kernel(const NllProblem& nll_problem, const KlProblem& kl_problem, const at::Tensor& beta,
-                 const std::optional<at::Tensor>& grad_scale, c10::string_view reduction,
+                 const std::optional<at::Tensor>& grad_scale, std::string_view reduction,
                  at::Tensor& loss, at::Tensor& nll, at::Tensor& kl, at::Tensor& kl_term) {
   const int64_t batch = nll_problem.batch;
   const auto options = nll.options();
@@ -543,12 +540,14 @@ void elbo_kernel(const NllProblem& nll_problem, const KlProblem& kl_problem, con
   *loss.mutable_data_ptr<acc_t>() = static_cast<acc_t>(total);
 }
 
+}  // namespace
+
 ElboOutputs elbo_cpu(const at::Tensor& x, const at::Tensor& x_hat,
                      const std::optional<at::Tensor>& x_logvar, double x_logvar_const,
                      const at::Tensor& mu, const at::Tensor& logvar,
                      const std::optional<at::Tensor>& prior_mu,
                      const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
-                     double free_bits, bool bernoulli, c10::string_view reduction,
+                     double free_bits, bool bernoulli, std::string_view reduction,
                      const std::optional<at::Tensor>& grad_scale, std::array<bool, 7> needs_grad) {
   TORCH_CHECK(reduction == "none" || reduction == "mean" || reduction == "sum",
               "fastvae_native::elbo: reduction must be 'none', 'mean' or 'sum', got '", reduction, "'");
@@ -646,9 +645,4 @@ ElboOutputs elbo_cpu(const at::Tensor& x, const at::Tensor& x_hat,
   return {loss, nll, kl, kl_term, grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6]};
 }
 
-}  // namespace
-}  // namespace fastvae
-
-TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
-  m.impl("elbo", &fastvae::elbo_cpu);
-}
+FASTVAE_NAMESPACE_END

@@ -5,13 +5,15 @@
 // THP is disabled or the memory is already mapped (a caching allocator).
 #pragma once
 
+#include "../math_ops.h"
+
 #include <ATen/ATen.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 inline void advise_huge_pages(const at::Tensor& tensor) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -26,4 +28,4 @@ inline void advise_huge_pages(const at::Tensor& tensor) {
 #endif
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

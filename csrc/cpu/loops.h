@@ -2,13 +2,15 @@
 // and on acc_t over the tail, so both paths use the one shared formula.
 #pragma once
 
+#include "../math_ops.h"
+
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
 #include <cstdint>
 #include <type_traits>
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 template <typename T, typename S>
 T load_as(const S* pointer) {
@@ -74,4 +76,4 @@ void vectorized_for(int64_t n, Body&& body) {
   for (; i < n; ++i) body(i, Width<acc_t>{});
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -6,7 +6,7 @@
 #include "../philox.h"
 #include "vec_math_ops.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 // Philox calls per block; a multiple of every vector width.
 constexpr int64_t kNoiseBlock = 1024;
@@ -60,4 +60,4 @@ void for_each_noise_piece(uint64_t seed, int64_t numel, int64_t row, int64_t fir
   }
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -2,14 +2,14 @@
 // and its backward, which regenerates ε from the seed instead of storing it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../elementwise.h"
 #include "loops.h"
 #include "noise.h"
+#include "kernels.h"
 #include "tiles.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 namespace {
 
 // Noise blocks per parallel task, so small calls run on one thread.
@@ -163,6 +163,8 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
   });
 }
 
+}  // namespace
+
 at::Tensor reparameterize_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                               const at::Tensor& seed, int64_t n_samples) {
   check_vector("mu", mu);
@@ -204,10 +206,4 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   return {grad_mu, grad_logvar};
 }
 
-}  // namespace
-}  // namespace fastvae
-
-TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
-  m.impl("reparameterize", &fastvae::reparameterize_cpu);
-  m.impl("reparameterize_backward", &fastvae::reparameterize_backward_cpu);
-}
+FASTVAE_NAMESPACE_END

@@ -4,6 +4,8 @@
 // kernels templated on the accumulation type only, whatever mix of dtypes arrives.
 #pragma once
 
+#include "../math_ops.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -12,7 +14,7 @@
 
 #include <type_traits>
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 // Elements per tile: small enough for every tile buffer of a row to stay in L1.
 constexpr int64_t kTile = 512;
@@ -107,4 +109,4 @@ void* advance(void* base, c10::ScalarType type, T elements) {
   return static_cast<char*>(base) + static_cast<int64_t>(elements) * element_size(type);
 }
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

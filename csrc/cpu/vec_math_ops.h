@@ -6,7 +6,7 @@
 
 #include "../math_ops.h"
 
-namespace fastvae {
+FASTVAE_NAMESPACE_BEGIN
 
 template <typename S>
 struct VectorizedMathOps {
@@ -27,4 +27,4 @@ struct MathOps<at::vec::Vectorized<float>> : VectorizedMathOps<float> {};
 template <>
 struct MathOps<at::vec::Vectorized<double>> : VectorizedMathOps<double> {};
 
-}  // namespace fastvae
+FASTVAE_NAMESPACE_END

@@ -1,0 +1,61 @@
+// Registers the CPU kernels, choosing at load time between the AVX2 and AVX-512 builds the way
+// ATen chooses its own (at::get_cpu_capability, which honours ATEN_CPU_CAPABILITY).
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace fastvae::AVX2 {
+FASTVAE_CPU_KERNELS
+}  // namespace fastvae::AVX2
+namespace fastvae::AVX512 {
+FASTVAE_CPU_KERNELS
+}  // namespace fastvae::AVX512
+
+namespace {
+
+bool use_avx512() {
+  static const bool avx512 = [] {
+    if (at::get_cpu_capability() == "AVX512") return true;
+    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                "fastvae's CPU kernels need a CPU with AVX2 and FMA");
+    return false;
+  }();
+  return avx512;
+}
+
+at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed,
+                          int64_t n_samples) {
+  return use_avx512() ? fastvae::AVX512::reparameterize_cpu(mu, logvar, seed, n_samples)
+                      : fastvae::AVX2::reparameterize_cpu(mu, logvar, seed, n_samples);
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_backward(
+    const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed, int64_t n_samples,
+    bool need_mu, bool need_logvar) {
+  return use_avx512() ? fastvae::AVX512::reparameterize_backward_cpu(grad_z, logvar, seed, n_samples,
+                                                                      need_mu, need_logvar)
+                      : fastvae::AVX2::reparameterize_backward_cpu(grad_z, logvar, seed, n_samples,
+                                                                    need_mu, need_logvar);
+}
+
+fastvae::ElboOutputs elbo(const at::Tensor& x, const at::Tensor& x_hat,
+                          const std::optional<at::Tensor>& x_logvar, double x_logvar_const,
+                          const at::Tensor& mu, const at::Tensor& logvar,
+                          const std::optional<at::Tensor>& prior_mu,
+                          const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
+                          double free_bits, bool bernoulli, std::string_view reduction,
+                          const std::optional<at::Tensor>& grad_scale, std::array<bool, 7> needs_grad) {
+  const auto kernel = use_avx512() ? &fastvae::AVX512::elbo_cpu : &fastvae::AVX2::elbo_cpu;
+  return kernel(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
+                free_bits, bernoulli, reduction, grad_scale, needs_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
+  m.impl("reparameterize", &reparameterize);
+  m.impl("reparameterize_backward", &reparameterize_backward);
+  m.impl("elbo", &elbo);
+}
