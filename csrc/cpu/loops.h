@@ -39,7 +39,13 @@ inline bool can_stream(const void* pointer) {
 
 template <typename T, typename S>
 void store_maybe_streaming(const T& value, S* pointer, bool streaming) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, at::vec::Vectorized<float>>) {
+    if (streaming) return _mm512_stream_ps(pointer, value);
+  } else if constexpr (std::is_same_v<T, at::vec::Vectorized<double>>) {
+    if (streaming) return _mm512_stream_pd(pointer, value);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, at::vec::Vectorized<float>>) {
     if (streaming) return _mm256_stream_ps(pointer, value);
   } else if constexpr (std::is_same_v<T, at::vec::Vectorized<double>>) {
