@@ -92,6 +92,9 @@ def _(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, be
 def _elbo_setup(ctx, inputs, output):
     (x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta, free_bits,
      bernoulli, reduction, grad_scale, needs_grad, backend) = inputs
+    # Only the loss carries gradient; without this autograd would fill zeros shaped like every
+    # other output (the B×D gradient outputs among them) on each backward.
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.needs_grad = needs_grad
     ctx.beta_needs_grad = beta.requires_grad
@@ -108,6 +111,8 @@ def _elbo_setup(ctx, inputs, output):
 
 
 def _elbo_grad(ctx, grad_loss, *unused_grads):
+    if grad_loss is None:  # the loss itself was not used; the other outputs carry no gradient
+        return (None,) * 15
     if ctx.deferred:
         *inputs, beta, kl_term = ctx.saved_tensors
         x_logvar_const, free_bits, bernoulli, backend = ctx.options
