@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fastvae's two quick-start commands, each of which installs what it needs first:
-#   ./run.sh bench   the main job: kernel benchmark table, CSV and plots, and the digits VAE
+#   ./run.sh bench   the main job: kernel benchmark (glibc malloc, then tcmalloc) with table,
+#                    CSV and plots, then end-to-end training (the digits VAE, a large batch)
 #   ./run.sh test    the test suite: every CPU backend, Triton under its interpreter, and
 #                    (where nvcc exists) a compile check of the CUDA kernels
 # An installed torch is never replaced. Where there is none, the CPU build torch==2.13.0 is
@@ -34,7 +35,11 @@ case "${1:-}" in
         ;;
     bench)
         install bench
-        "$PYTHON" -m bench "${@:2}"
+        if ! ldconfig -p | grep -q libtcmalloc_minimal.so.4 && [ "$(id -u)" = 0 ] \
+                && command -v apt-get >/dev/null; then  # the caching allocator of the 2nd run
+            apt-get install -y -qq libtcmalloc-minimal4 >/dev/null || true
+        fi
+        PYTHON="$PYTHON" bench/run_all.sh "${@:2}"
         ;;
     *)
         echo "usage: ./run.sh test | bench [benchmark options]" >&2

@@ -14,15 +14,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 
 echo "== kernels, default allocator"
-python -m bench "$@"
+"${PYTHON:-python}" -m bench "$@"
 if [ -e "$TCMALLOC" ]; then
     echo "== kernels, tcmalloc ($TCMALLOC)"
-    LD_PRELOAD="$TCMALLOC" python -m bench "$@"
+    LD_PRELOAD="$TCMALLOC" "${PYTHON:-python}" -m bench "$@"
 else
     echo "== tcmalloc not found, skipping its run (Debian: apt-get install -y libtcmalloc-minimal4)"
 fi
 echo "== end-to-end training, default allocator"
-python -m bench.e2e
+"${PYTHON:-python}" -m bench.e2e
 echo
 echo "results (CSV and PNG): $PWD/bench/results/"
 ls -1 bench/results/
