@@ -3,6 +3,8 @@ extension, registered as ``torch.ops.fastvae_native.*``. See ``fastvae.reference
 contract of the three functions."""
 import torch
 
+from ._ops import elbo_shapes, reparameterize_backward_shapes, reparameterize_shapes
+
 try:
     from . import _C
 except ImportError as error:
@@ -33,26 +35,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
 
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
-@torch.library.register_fake("fastvae_native::reparameterize")
-def _(mu, logvar, seed, n_samples):
-    return mu.new_empty(n_samples * mu.numel())
-
-
-@torch.library.register_fake("fastvae_native::reparameterize_backward")
-def _(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
-    return tuple(logvar.new_empty(logvar.shape if needed else (0,))
-                 for needed in (need_mu, need_logvar))
-
-
-@torch.library.register_fake("fastvae_native::elbo")
-def _(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta, free_bits,
-      bernoulli, reduction, grad_scale, needs_grad):
-    inputs = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
-    acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]) \
-        else torch.float32
-    batch = x.shape[0]
-    loss = x.new_empty(batch if reduction == "none" else (), dtype=acc)
-    rows = tuple(x.new_empty(batch, dtype=acc) for _ in range(3))
-    grads = tuple(t.new_empty(t.shape) if need else x.new_empty(0)
-                  for t, need in zip(inputs, needs_grad))
-    return (loss,) + rows + grads
+torch.library.register_fake("fastvae_native::reparameterize", reparameterize_shapes)
+torch.library.register_fake("fastvae_native::reparameterize_backward",
+                            reparameterize_backward_shapes)
+torch.library.register_fake("fastvae_native::elbo", elbo_shapes)

@@ -23,9 +23,11 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, bac
     return _backends.module(backend).reparameterize_forward(mu, logvar, seed, n_samples)
 
 
-@reparameterize.register_fake
-def _(mu, logvar, seed, n_samples, backend):
+def reparameterize_shapes(mu, logvar, seed, n_samples, *backend):
     return mu.new_empty(n_samples * mu.numel())
+
+
+reparameterize.register_fake(reparameterize_shapes)
 
 
 @torch.library.custom_op("fastvae::reparameterize_backward", mutates_args=())
@@ -35,11 +37,12 @@ def reparameterize_backward(grad_z: Tensor, logvar: Tensor, seed: Tensor, n_samp
         grad_z.contiguous(), logvar, seed, n_samples, need_mu, need_logvar)
 
 
-@reparameterize_backward.register_fake
-def _(grad_z, logvar, seed, n_samples, backend, need_mu, need_logvar):
-    def shaped(needed):
-        return logvar.new_empty(logvar.shape if needed else (0,))
-    return shaped(need_mu), shaped(need_logvar)
+def reparameterize_backward_shapes(grad_z, logvar, seed, n_samples, *backend_and_needs):
+    return tuple(logvar.new_empty(logvar.shape if needed else (0,))
+                 for needed in backend_and_needs[-2:])
+
+
+reparameterize_backward.register_fake(reparameterize_backward_shapes)
 
 
 def _reparameterize_setup(ctx, inputs, output):
@@ -74,19 +77,21 @@ def elbo(x: Tensor, x_hat: Tensor, x_logvar: Optional[Tensor], x_logvar_const: f
     return (loss, nll, kl, kl_term) + tuple(grads)
 
 
-@elbo.register_fake
-def _(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta, free_bits,
-      bernoulli, reduction, grad_scale, needs_grad, backend):
+def elbo_shapes(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
+                free_bits, bernoulli, reduction, grad_scale, needs_grad, *backend):
+    """Empty outputs shaped as the loss op's (its fake implementation, and the native op's)."""
     inputs = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
     acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]) \
         else torch.float32
     batch = x.shape[0]
-    rows = x.new_empty(batch, dtype=acc)
-    loss = rows if reduction == "none" else x.new_empty((), dtype=acc)
+    loss = x.new_empty(batch if reduction == "none" else (), dtype=acc)
+    rows = tuple(x.new_empty(batch, dtype=acc) for _ in range(3))
     grads = tuple(t.new_empty(t.shape) if need else x.new_empty(0)
                   for t, need in zip(inputs, needs_grad))
-    return (loss, x.new_empty(batch, dtype=acc), x.new_empty(batch, dtype=acc),
-            x.new_empty(batch, dtype=acc)) + grads
+    return (loss,) + rows + grads
+
+
+elbo.register_fake(elbo_shapes)
 
 
 def _elbo_setup(ctx, inputs, output):
