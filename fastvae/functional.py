@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ops
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, reduce_rows
 from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_choice,
                           check_float_tensor, check_real, check_same_device, check_same_shape,
                           check_seed, check_sigma)
@@ -61,12 +61,6 @@ def _beta_tensor(beta, device, dtype) -> Tensor:
     if isinstance(beta, Tensor):
         return beta.to(device=device, dtype=dtype)
     return torch.full((), float(beta), dtype=dtype, device=device)  # a fill kernel, no copy
-
-
-def _reduce_rows(rows: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.mean()
 
 
 def _decoder_logvar(x_logvar, sigma, target_shape, name_target):
@@ -293,4 +287,4 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
                            free_bits, bernoulli, reduction)[:3]
     if not return_terms:
         return loss
-    return ELBOTerms(loss, _reduce_rows(nll, reduction).detach(), _reduce_rows(kl, reduction).detach())
+    return ELBOTerms(loss, reduce_rows(nll, reduction).detach(), reduce_rows(kl, reduction).detach())

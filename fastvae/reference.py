@@ -58,6 +58,13 @@ def _noise(seed, numel, dtype):
     return normal_stream(seed, numel).to(dtype)
 
 
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Per-datapoint values ``[B]`` reduced as ``reduction`` says: 'none', 'sum' or 'mean'."""
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()
+
+
 def reparameterize_forward(mu, logvar, seed, n_samples):
     acc = accumulation_dtype(mu)
     eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, mu.numel())
@@ -152,12 +159,7 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
         kl_term = kl.clone()  # outputs of an op never alias each other
     beta_a = beta.to(acc)
     loss_rows = nll + beta_a * kl_term
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.mean()
+    loss = reduce_rows(loss_rows, reduction)
 
     kl_weight = (beta_a * weight).view(batch, 1)
     if active is not None:

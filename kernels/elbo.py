@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import reduce_rows
 from ._convert import narrow, widen
 from ._launch import (accumulation_type, resident_programs, torch_accumulation_dtype,
                       tuning_configs, warp_stage_configs)
@@ -460,10 +461,5 @@ def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar,
             loss_rows, nll, kl, kl_term, nll_partial, kl_partial, kl_term_partial, beta, batch,
             n_samples, event_tiles, latent_tiles, FREE_BITS=free_bits_on, ACC=acc,
             BLOCK=_ROWS_BLOCK)
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.mean()
+    loss = reduce_rows(loss_rows, reduction)
     return loss, nll, kl, kl_term, tuple(grads)
