@@ -116,8 +116,8 @@ def _fused(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logva
     backend = _backends.resolve(x.device)
     loss_dtype = accumulation_dtype(x, x_hat, x_logvar, mu2)
     return _ops.elbo(x2, x_hat3, lv3, x_logvar_const, mu2, logvar2, priors[0], priors[1],
-                     _beta_tensor(beta, x.device, loss_dtype), float(free_bits), bernoulli, reduction, None,
-                     needs_grad, backend)
+                     _beta_tensor(beta, x.device, loss_dtype), float(free_bits), bernoulli,
+                     reduction, None, needs_grad, backend)
 
 
 def _check_latents(mu, logvar, prior_mu, prior_logvar):

@@ -1,8 +1,9 @@
 """The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
 
 Every backend module (``reference``, ``_native``, ``_triton``) exposes ``DEVICE_TYPES`` (the
-device types it runs on) and the same three functions with the same normalised arguments; the public API in ``functional.py`` does the validation,
-reshaping and broadcasting, so a backend only sees the shapes documented here.
+device types it runs on) and the same three functions with the same normalised arguments; the
+public API in ``functional.py`` does the validation, reshaping and broadcasting, so a backend
+only sees the shapes documented here.
 
 ``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
     ``mu``, ``logvar``: contiguous 1-D ``[K]``, same dtype. ``seed``: int64 0-dim tensor on
@@ -22,7 +23,8 @@ reshaping and broadcasting, so a backend only sees the shapes documented here.
     ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both None (standard normal)
     or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``, ``x_hat`` and ``x_logvar``
     may each have their own floating dtype; the four latent tensors share one dtype.
-    ``beta``: 0-dim tensor in the loss dtype (float32; float64 when any input is float64). ``free_bits``: float ≥ 0. ``bernoulli``: bool.
+    ``beta``: 0-dim tensor in the loss dtype (float32; float64 when any input is float64).
+    ``free_bits``: float ≥ 0. ``bernoulli``: bool.
     ``reduction``: 'none' | 'mean' | 'sum'.
     ``grad_scale``: None, or a ``[B]`` tensor of per-datapoint weights in the loss dtype
     (float32; float64 when any input is float64).
