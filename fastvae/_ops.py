@@ -12,9 +12,6 @@ from torch import Tensor
 
 from . import _backends
 
-_ELBO_INPUTS = ("x", "x_hat", "x_logvar", "mu", "logvar", "prior_mu", "prior_logvar")
-
-
 # ----------------------------------------------------------------------------------------------
 # reparameterised sampling
 # ----------------------------------------------------------------------------------------------
@@ -23,6 +20,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, bac
     return _backends.module(backend).reparameterize_forward(mu, logvar, seed, n_samples)
 
 
+# The *_shapes functions are also the fake implementations of the native ops, whose schemas
+# lack the trailing ``backend`` argument: hence the variadic tails.
 def reparameterize_shapes(mu, logvar, seed, n_samples, *backend):
     return mu.new_empty(n_samples * mu.numel())
 
