@@ -18,9 +18,10 @@ __device__ __forceinline__ void normals_at(const int64_t* seed, int64_t call, fl
   box_muller(philox_uniform(words[2]), philox_uniform(words[3]), normals[2], normals[3]);
 }
 
-template <typename acc_t>
-__global__ void sample_kernel(Buffer mu, Buffer logvar, const int64_t* seed, int64_t numel,
-                              int64_t latent, Buffer z) {
+// The stream of DESIGN.md §3 over `numel` elements: each thread's Philox call `call` yields the
+// normals of elements j * quarter + call (j = 0..3), passed to `visit(i, eps)` in stream order.
+template <typename Visit>
+__device__ __forceinline__ void for_each_normal(const int64_t* seed, int64_t numel, Visit visit) {
   const int64_t quarter = philox_quarter(numel);
   for (int64_t call = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; call < quarter;
        call += int64_t(gridDim.x) * blockDim.x) {
@@ -29,27 +30,27 @@ __global__ void sample_kernel(Buffer mu, Buffer logvar, const int64_t* seed, int
     for (int j = 0; j < 4; ++j) {
       const int64_t i = j * quarter + call;
       if (i >= numel) break;
-      const int64_t k = i % latent;
-      store(z, i, reparameterized_sample(load<acc_t>(mu, k), load<acc_t>(logvar, k),
-                                         static_cast<acc_t>(normals[j])));
+      visit(i, normals[j]);
     }
   }
 }
 
 template <typename acc_t>
+__global__ void sample_kernel(Buffer mu, Buffer logvar, const int64_t* seed, int64_t numel,
+                              int64_t latent, Buffer z) {
+  for_each_normal(seed, numel, [&](int64_t i, float eps) {
+    const int64_t k = i % latent;
+    store(z, i, reparameterized_sample(load<acc_t>(mu, k), load<acc_t>(logvar, k),
+                                       static_cast<acc_t>(eps)));
+  });
+}
+
+template <typename acc_t>
 __global__ void noise_product_kernel(Buffer grad_z, const int64_t* seed, int64_t numel,
                                      acc_t* products) {
-  const int64_t quarter = philox_quarter(numel);
-  for (int64_t call = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; call < quarter;
-       call += int64_t(gridDim.x) * blockDim.x) {
-    float normals[4];
-    normals_at(seed, call, normals);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = j * quarter + call;
-      if (i >= numel) break;
-      products[i] = load<acc_t>(grad_z, i) * static_cast<acc_t>(normals[j]);
-    }
-  }
+  for_each_normal(seed, numel, [&](int64_t i, float eps) {
+    products[i] = load<acc_t>(grad_z, i) * static_cast<acc_t>(eps);
+  });
 }
 
 // Sums over samples in order for each latent element: deterministic.
