@@ -13,7 +13,8 @@ only sees the shapes documented here.
 
 ``reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar)``
     ``grad_z``: contiguous ``[n_samples * K]``. Returns ``(grad_mu, grad_logvar)``, each
-    ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is regenerated.
+    ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is
+    regenerated.
 
 ``elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
        free_bits, bernoulli, reduction, grad_scale, needs_grad)``
@@ -38,7 +39,8 @@ only sees the shapes documented here.
       These are float32 (float64 when any input is float64).
       ``grads``: a 7-tuple, entry i the gradient of ``sum_b w_b * loss_b`` with respect to
       input i, in that input's dtype and shape, or an empty tensor in ``x``'s dtype where
-      ``needs_grad[i]`` is False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for 'mean' and 1 otherwise.
+      ``needs_grad[i]`` is False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for 'mean'
+      and 1 otherwise.
       A broadcast input's gradient is summed over the dims it was broadcast along.
 """
 import math
