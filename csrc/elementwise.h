@@ -1,47 +1,11 @@
-// Per-element loss terms and their gradients (DESIGN.md §1), shared by the CPU and CUDA
-// kernels. T is float/double on CUDA and also Vectorized<float>/<double> on the CPU.
+// Per-element latent terms (the KL and its gradients, the reparameterised sample), shared by the
+// CPU and CUDA kernels; the decoder likelihoods are in likelihoods.h. T is float/double on CUDA
+// and also Vectorized<float>/<double> on the CPU.
 #pragma once
 
 #include "math_ops.h"
 
 FASTVAE_NAMESPACE_BEGIN
-
-constexpr double kLog2Pi = 1.8378770664093453;  // log(2π)
-
-// Gaussian NLL of x under N(mean, e^logvar) and its gradients, given precision = e^-logvar
-// (computed apart so a kernel can form it once per broadcast value or in a separate sweep).
-template <typename T>
-FASTVAE_HD void gaussian_nll_with_precision(T x, T mean, T logvar, T precision, T& nll, T& grad_x,
-                                            T& grad_mean, T& grad_logvar) {
-  const T residual = x - mean;
-  const T scaled_square = residual * residual * precision;
-  nll = constant<T>(0.5) * (scaled_square + logvar + constant<T>(kLog2Pi));
-  grad_x = residual * precision;
-  grad_mean = (mean - x) * precision;
-  grad_logvar = constant<T>(0.5) * (constant<T>(1.0) - scaled_square);
-}
-
-template <typename T>
-FASTVAE_HD T gaussian_precision(T logvar) {
-  return MathOps<T>::exp(T(0) - logvar);
-}
-
-template <typename T>
-FASTVAE_HD void gaussian_nll(T x, T mean, T logvar, T& nll, T& grad_x, T& grad_mean,
-                             T& grad_logvar) {
-  gaussian_nll_with_precision(x, mean, logvar, gaussian_precision(logvar), nll, grad_x, grad_mean,
-                              grad_logvar);
-}
-
-// Bernoulli NLL of x given logits, softplus(l) - x*l in the stable form, and its gradients.
-template <typename T>
-FASTVAE_HD void bernoulli_nll(T x, T logits, T& nll, T& grad_x, T& grad_logits) {
-  using M = MathOps<T>;
-  const T softplus = M::max(logits, T(0)) + M::log1p(M::exp(T(0) - M::abs(logits)));
-  nll = softplus - x * logits;
-  grad_x = T(0) - logits;
-  grad_logits = constant<T>(1.0) / (constant<T>(1.0) + M::exp(T(0) - logits)) - x;
-}
 
 // KL(N(mu, e^logvar) || N(0, 1)).
 template <typename T>

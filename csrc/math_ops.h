@@ -1,6 +1,6 @@
 // Scalar maths used by the shared element-wise formulas, callable from host and device code.
 //
-// The formulas in elementwise.h and philox.h are templates over a value type T and reach
+// The formulas in likelihoods.h, elementwise.h and philox.h are templates over a value type T and reach
 // every function through MathOps<T>, so the CPU build can instantiate them with ATen's
 // Vectorized<float>/<double> (cpu/vec_math_ops.h) and the CUDA build with plain float/double.
 #pragma once
@@ -48,6 +48,7 @@ struct MathOps<float> {
   static FASTVAE_HD float sin(float x) { return ::sinf(x); }
   static FASTVAE_HD float abs(float x) { return ::fabsf(x); }
   static FASTVAE_HD float max(float a, float b) { return a > b ? a : b; }
+  static FASTVAE_HD float sign(float x) { return float(x > 0.0f) - float(x < 0.0f); }
 };
 
 template <>
@@ -61,6 +62,7 @@ struct MathOps<double> {
   static FASTVAE_HD double sin(double x) { return ::sin(x); }
   static FASTVAE_HD double abs(double x) { return ::fabs(x); }
   static FASTVAE_HD double max(double a, double b) { return a > b ? a : b; }
+  static FASTVAE_HD double sign(double x) { return double(x > 0.0) - double(x < 0.0); }
 };
 
 // A constant of T's scalar type, broadcast when T is a vector.

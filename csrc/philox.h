@@ -1,4 +1,4 @@
-// The noise stream of DESIGN.md §3: Triton's tl.randn4x, shared by the CPU and CUDA kernels.
+// The noise stream of docs/design.md §3: Triton's tl.randn4x, shared by the CPU and CUDA kernels.
 #pragma once
 
 #include "math_ops.h"

@@ -7,10 +7,11 @@ TORCH_LIBRARY(fastvae_native, m) {
   m.def("reparameterize(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> Tensor");
   m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed, int n_samples, "
         "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
-  m.def("elbo(Tensor x, Tensor x_hat, Tensor? x_logvar, float x_logvar_const, Tensor mu, "
-        "Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, float free_bits, "
-        "bool bernoulli, str reduction, Tensor? grad_scale, bool[7] needs_grad) -> "
+  m.def("elbo(Tensor x, Tensor x_hat, Tensor? x_log_scale, Tensor mu, Tensor logvar, "
+        "Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, Tensor? grad_scale, int likelihood, "
+        "float x_log_scale_const, float free_bits, int reduction, bool[7] needs_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("scale_(Tensor(a!)[] grads, Tensor upstream, Tensor? previous) -> ()");
 }
 
 namespace {

@@ -1,4 +1,4 @@
-"""The noise stream of DESIGN.md §3 in plain PyTorch integer arithmetic.
+"""The noise stream of docs/design.md §3 in plain PyTorch integer arithmetic.
 
 Triton's ``tl.randn4x(seed, offset)`` with an int64 offset runs Philox4x32-10 on the counter
 ``(offset_lo, offset_hi, 0, 0)`` with key ``(seed_lo, seed_hi)``, maps each 32-bit word to a

@@ -1,10 +1,13 @@
-"""Argument checks shared by the public functions. Every check runs before any kernel."""
+"""Argument checks of the public functions: every check runs before any kernel, and each is a
+few attribute reads and comparisons, because they run on every call."""
 import numbers
 
 import torch
 
-LIKELIHOODS = ("gaussian", "bernoulli")
-REDUCTIONS = ("none", "mean", "sum")
+from ._common import Likelihood, Reduction
+
+LIKELIHOODS = {member.name.lower(): member for member in Likelihood}
+REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
 
 
 def check_float_tensor(name, value, optional=False):
@@ -18,16 +21,23 @@ def check_float_tensor(name, value, optional=False):
 
 
 def check_same_device(**tensors):
-    present = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+    device = None
+    for value in tensors.values():
+        if isinstance(value, torch.Tensor):
+            if device is None:
+                device = value.device
+            elif value.device != device:
+                listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items()
+                                    if isinstance(t, torch.Tensor))
+                raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+def choice(name, value, choices):
+    """``choices[value]``, or a ValueError listing the valid names."""
+    try:
+        return choices[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}") from None
 
 
 def check_same_shape(name_a, a, name_b, b):
@@ -38,12 +48,11 @@ def check_same_shape(name_a, a, name_b, b):
 
 def check_broadcasts_to(name, value, shape, target_name):
     """``value`` must broadcast to ``shape`` without enlarging it."""
-    try:
-        ok = torch.broadcast_shapes(value.shape, shape) == torch.Size(shape)
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to "
+    own = value.shape
+    fits = len(own) <= len(shape) and all(
+        size == 1 or size == target for size, target in zip(reversed(own), reversed(shape)))
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(own)} does not broadcast to "
                          f"{target_name} of shape {tuple(shape)}")
 
 
@@ -66,14 +75,15 @@ def check_beta(beta):
         check_real("beta", beta, minimum=0.0)
 
 
-def check_sigma(sigma):
-    if isinstance(sigma, torch.Tensor):
-        check_float_tensor("sigma", sigma)
-        if sigma.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and sigma.numel() and bool((sigma <= 0).any()):
-            raise ValueError("sigma must be > 0 everywhere")
+def check_positive(name, value):
+    """A float > 0, or a floating tensor (on CPU, also checked to be > 0 everywhere)."""
+    if isinstance(value, torch.Tensor):
+        check_float_tensor(name, value)
+        if value.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and value.numel() and bool((value <= 0).any()):
+            raise ValueError(f"{name} must be > 0 everywhere")
     else:
-        check_real("sigma", sigma, minimum=0.0, strict=True)
+        check_real(name, value, minimum=0.0, strict=True)
 
 
 def check_seed(seed):
@@ -86,3 +96,34 @@ def check_seed(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def check_n_samples(n_samples):
+    if n_samples is None:
+        return
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+        raise TypeError(f"n_samples must be an int or None, got {type(n_samples).__name__}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+
+
+def check_data(x, x_hat, name_hat):
+    check_float_tensor("x", x)
+    check_float_tensor(name_hat, x_hat)
+    if x.dim() < 1:
+        raise ValueError("x must be [B, *event] with at least one dim, got a 0-dim tensor")
+    if x_hat.shape != x.shape and x_hat.shape[1:] != x.shape:
+        raise ValueError(f"{name_hat} must have x's shape {tuple(x.shape)} or [S, "
+                         f"{', '.join(map(str, x.shape))}], got {tuple(x_hat.shape)}")
+
+
+def check_latents(mu, logvar, prior_mu, prior_logvar):
+    check_float_tensor("mu", mu)
+    check_float_tensor("logvar", logvar)
+    check_same_shape("mu", mu, "logvar", logvar)
+    if mu.dim() < 2:
+        raise ValueError(f"mu must be [B, *latent] with at least 2 dims, got {tuple(mu.shape)}")
+    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if prior is not None:
+            check_float_tensor(name, prior)
+            check_broadcasts_to(name, prior, mu.shape, "mu")

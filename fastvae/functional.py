@@ -1,7 +1,8 @@
-"""The public functional API (DESIGN.md §2). All losses are in nats.
+"""The public functional API (docs/design.md §2). All losses are in nats.
 
 Each function validates its arguments, brings them to the normalised shapes the backends take
-(see ``fastvae.reference``), resolves the backend for the inputs' device and calls one op.
+(see ``fastvae.backends.reference``) and calls one op. Shapes follow one rule: data is
+``[B, *event]``, latents are ``[B, *latent]``, and sums run over all event or latent dims.
 """
 import math
 from typing import NamedTuple, Optional
@@ -9,11 +10,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _ops
-from .reference import accumulation_dtype, reduce_rows
-from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_choice,
-                          check_float_tensor, check_real, check_same_device, check_same_shape,
-                          check_seed, check_sigma)
+from . import _ops
+from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
+from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_data,
+                          check_float_tensor, check_latents, check_n_samples, check_positive,
+                          check_real, check_same_device, check_seed, choice)
 
 
 class ELBOTerms(NamedTuple):
@@ -35,99 +36,151 @@ def _grouped(tensor: Tensor, shape, groups) -> Tensor:
     expanded, sizes, start = [], [], 0
     for count in groups:
         full, own = shape[start:start + count], tensor.shape[start:start + count]
-        if all(n == 1 for n in own):
-            expanded += own
-            sizes.append(1)
-        else:
-            expanded += full
-            sizes.append(math.prod(full))
+        broadcast = all(n == 1 for n in own)
+        expanded += own if broadcast else full
+        sizes.append(1 if broadcast else math.prod(full))
         start += count
     return tensor.expand(expanded).reshape(sizes).contiguous()
 
 
-def _needs_grad(tensor: Optional[Tensor]) -> bool:
-    return tensor is not None and tensor.requires_grad and torch.is_grad_enabled()
+def _flattened(tensor: Tensor, lead: int) -> Tensor:
+    """``tensor`` contiguous with its dims after the first ``lead`` merged into one."""
+    if tensor.dim() != lead + 1:
+        tensor = tensor.reshape(*tensor.shape[:lead], math.prod(tensor.shape[lead:]))
+    return tensor.contiguous()
+
+
+def _as(tensor: Tensor, dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _latent_dtype(*tensors) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
-        if t is not None:
+        if t is not None and t.dtype != dtype:
             dtype = torch.promote_types(dtype, t.dtype)
     return dtype
 
 
+_constants = {}  # (value, dtype, device) -> 0-dim tensor; bounded, see _constant
+
+
+def _constant(value: float, dtype, device) -> Tensor:
+    """A 0-dim tensor holding ``value``, cached so a float β costs no fill kernel per call.
+    Not cached while tracing or while a CUDA graph is captured (its kernels do not run then)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        return torch.full((), value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    found = _constants.get(key)
+    if found is None:
+        if len(_constants) >= 256:  # an annealed β must not grow the cache without bound
+            _constants.clear()
+        found = _constants[key] = torch.full((), value, dtype=dtype, device=device)
+    return found
+
+
 def _beta_tensor(beta, device, dtype) -> Tensor:
     if isinstance(beta, Tensor):
-        return beta.to(device=device, dtype=dtype)
-    return torch.full((), float(beta), dtype=dtype, device=device)  # a fill kernel, no copy
+        return beta if beta.dtype == dtype and beta.device == device else beta.to(device, dtype)
+    return _constant(float(beta), dtype, device)
 
 
-def _decoder_logvar(x_logvar, sigma, target_shape, name_target):
-    """The decoder log-variance as a tensor (or None) and the constant used when it is None."""
-    if x_logvar is not None and sigma is not None:
-        raise ValueError("give either x_logvar or sigma, not both")
-    if sigma is not None:
-        check_sigma(sigma)
-        if not isinstance(sigma, Tensor):
-            return None, 2.0 * math.log(sigma)
-        check_broadcasts_to("sigma", sigma, target_shape, name_target)
-        return 2.0 * torch.log(sigma), 0.0
-    if x_logvar is not None:
-        check_float_tensor("x_logvar", x_logvar)
-        check_broadcasts_to("x_logvar", x_logvar, target_shape, name_target)
-    return x_logvar, 0.0
+def _decoder_scale(log_value, value, names, target_shape, from_value):
+    """θ, the decoder's log-scale parameter: ``(tensor, 0.0)``, or ``(None, constant)``.
+
+    ``log_value`` is θ itself, ``value`` the scale it is computed from by ``from_value`` (a
+    float → float or tensor → tensor map); at most one of them is given."""
+    log_name, name = names
+    if log_value is not None and value is not None:
+        raise ValueError(f"give either {log_name} or {name}, not both")
+    if value is not None:
+        check_positive(name, value)
+        if not isinstance(value, Tensor):
+            return None, from_value(value)
+        check_broadcasts_to(name, value, target_shape, "x_hat")
+        return from_value(value), 0.0
+    if log_value is not None:
+        check_float_tensor(log_name, log_value)
+        check_broadcasts_to(log_name, log_value, target_shape, "x_hat")
+    return log_value, 0.0
 
 
-def _fused(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
-           free_bits, bernoulli, reduction):
-    """Normalise shapes and run the fused op. ``x_hat`` is ``[S, *x.shape]``, ``mu`` and
-    ``logvar`` are ``[B, *latent]``, the priors broadcast to them. Returns the op's outputs."""
-    batch, event = x.shape[0], tuple(x.shape[1:])
-    n_samples = x_hat.shape[0]
-    sample_shape = (n_samples, batch) + event
-    groups = (1, 1, len(event))
-    features = math.prod(event)
-    x2 = x.reshape(batch, features).contiguous()
-    x_hat3 = x_hat.reshape(n_samples, batch, features).contiguous()
-    lv3 = None if x_logvar is None else _grouped(x_logvar, sample_shape, groups)
+def _gaussian_theta(value):
+    return 2.0 * (torch.log(value) if isinstance(value, Tensor) else math.log(value))
 
+
+def _laplace_theta(value):
+    return torch.log(value) if isinstance(value, Tensor) else math.log(value)
+
+
+# Likelihoods with a θ: the elbo_loss keywords of θ itself and of the plain scale, and the map
+# from that scale to θ.
+_THETA_ARGUMENTS = {
+    Likelihood.GAUSSIAN: ("x_logvar", "sigma", _gaussian_theta),
+    Likelihood.LAPLACE: ("x_logscale", "scale", _laplace_theta),
+}
+
+
+def _theta(likelihood, scale_arguments, target_shape):
+    """θ for ``likelihood`` from ``scale_arguments`` (keyword → value), refusing the scale
+    arguments of every other likelihood."""
+    own = _THETA_ARGUMENTS.get(likelihood, ())
+    for name, value in scale_arguments.items():
+        if value is not None and name not in own:
+            raise ValueError(f"{name} does not belong to likelihood {likelihood.name.lower()!r}")
+    if not own:
+        return None, 0.0
+    log_name, name, from_value = own
+    return _decoder_scale(scale_arguments[log_name], scale_arguments[name], (log_name, name),
+                          target_shape, from_value)
+
+
+def _wants_grad(tensor: Optional[Tensor]) -> bool:
+    return tensor is not None and tensor.requires_grad
+
+
+def _flat_latents(mu, logvar, prior_mu, prior_logvar):
+    """``[B, L]`` latents in their promoted dtype, and the priors as ``[1 or B, L]``."""
     dtype = _latent_dtype(mu, logvar, prior_mu, prior_logvar)
-    latent_shape = tuple(mu.shape)
-    latent_groups = (1, len(latent_shape) - 1)
-    latents = math.prod(latent_shape[1:])
-    mu2 = mu.to(dtype).reshape(batch, latents).contiguous()
-    logvar2 = logvar.to(dtype).reshape(batch, latents).contiguous()
-    priors = (None, None)
-    if prior_mu is not None or prior_logvar is not None:
-        zeros = mu.new_zeros((), dtype=dtype)
-        grouped = [_grouped((p if p is not None else zeros).to(dtype), latent_shape, latent_groups)
-                   for p in (prior_mu, prior_logvar)]
-        rows = max(p.shape[0] for p in grouped)  # both per datapoint if either is
-        priors = tuple(p.expand(rows, latents).contiguous() for p in grouped)
+    mu2, logvar2 = _flattened(_as(mu, dtype), 1), _flattened(_as(logvar, dtype), 1)
+    if prior_mu is None and prior_logvar is None:
+        return mu2, logvar2, None, None
+    zero = mu.new_zeros((), dtype=dtype)
+    groups = (1, mu.dim() - 1)
+    priors = [_grouped(_as(p if p is not None else zero, dtype), mu.shape, groups)
+              for p in (prior_mu, prior_logvar)]
+    rows = max(p.shape[0] for p in priors)  # both per datapoint if either is
+    return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
-    inputs = (x2, x_hat3, lv3, mu2, logvar2) + priors
-    originals = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
-    # With reduction='none' a gradient can only be formed in forward for inputs with one row
+
+def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction):
+    """Normalise shapes and run the loss op. ``x_hat`` is ``[S, *x.shape]``, ``latents`` the
+    four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the op's outputs."""
+    batch = x.shape[0]
+    x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
+    theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
+    inputs = (x2, x_hat3, theta3) + _flat_latents(*latents)
+    originals = (x, x_hat, theta) + tuple(latents)
+    grad_on = torch.is_grad_enabled()
+    # With reduction 'none' a gradient can only be formed in forward for inputs with one row
     # per datapoint; the others are recomputed in backward with the upstream gradient.
     row_dims = (0, 1, 1, 0, 0, 0, 0)
-    needs_grad = [_needs_grad(orig) and not (reduction == "none" and t.shape[dim] != batch)
+    needs_grad = [grad_on and _wants_grad(orig)
+                  and not (reduction == Reduction.NONE and t.shape[dim] != batch)
                   for orig, t, dim in zip(originals, inputs, row_dims)]
-    backend = _backends.resolve(x.device)
-    loss_dtype = accumulation_dtype(x, x_hat, x_logvar, mu2)
-    return _ops.elbo(x2, x_hat3, lv3, x_logvar_const, mu2, logvar2, priors[0], priors[1],
-                     _beta_tensor(beta, x.device, loss_dtype), float(free_bits), bernoulli,
-                     reduction, None, needs_grad, backend)
+    loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
+    return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), None, int(likelihood),
+                     float(theta_const), float(free_bits), int(reduction), needs_grad,
+                     device=x.device)
 
 
-def _check_latents(mu, logvar, prior_mu, prior_logvar):
-    check_float_tensor("mu", mu)
-    check_float_tensor("logvar", logvar)
-    check_same_shape("mu", mu, "logvar", logvar)
-    for name, prior in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        check_float_tensor(name, prior, optional=True)
-        if prior is not None:
-            check_broadcasts_to(name, prior, mu.shape, "mu")
+def _nll(x, x_hat, theta, theta_const, likelihood, reduction):
+    if x_hat.dim() == x.dim():
+        x_hat = x_hat.unsqueeze(0)
+    latent = x.new_empty(x.shape[0], 0)
+    return _fused(x, x_hat, theta, theta_const, (latent, latent, None, None), 1.0, 0.0,
+                  likelihood, reduction).loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,11 +188,11 @@ def _check_latents(mu, logvar, prior_mu, prior_logvar):
 # ----------------------------------------------------------------------------------------------
 def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, *,
                    seed=None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Sample ``z = mu + exp(½·logvar)·ε`` with ε from fastvae's noise stream (DESIGN.md §3).
+    """Sample ``z = mu + exp(½·logvar)·ε`` with ε from fastvae's noise stream (docs/design.md).
 
     Args:
-        mu, logvar: ``[..., d]``, the same shape; ``logvar`` is log σ².
-        n_samples: None for one sample shaped like ``mu``; an int S ≥ 1 for ``[S, ..., d]``.
+        mu, logvar: any shape, the same (element-wise; ``[B, *latent]`` in a VAE).
+        n_samples: None for one sample shaped like ``mu``; an int S ≥ 1 for ``[S, *mu.shape]``.
         seed: int in [0, 2**63) or 0-dim int64 tensor; the same seed gives the same ε on every
             backend and device. Default: drawn from ``generator``, else from the default
             generator of ``mu``'s device (so ``torch.manual_seed`` makes runs repeatable).
@@ -149,113 +202,103 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
     """
     check_float_tensor("mu", mu)
     check_float_tensor("logvar", logvar)
-    check_same_device(mu=mu, logvar=logvar, seed=seed)
-    check_same_shape("mu", mu, "logvar", logvar)
-    if n_samples is not None:
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-            raise TypeError(f"n_samples must be an int or None, got {type(n_samples).__name__}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if seed is not None:
-        check_seed(seed)
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must have the same shape, got {tuple(mu.shape)} and "
+                         f"{tuple(logvar.shape)}")
+    check_n_samples(n_samples)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-
     if seed is None:
         seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=mu.device,
                              generator=generator)
-    elif not isinstance(seed, Tensor):
-        seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
+    else:
+        check_seed(seed)
+        if not isinstance(seed, Tensor):
+            seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
+    check_same_device(mu=mu, logvar=logvar, seed=seed)
     dtype = _latent_dtype(mu, logvar)
     samples = 1 if n_samples is None else n_samples
-    z = _ops.reparameterize(mu.to(dtype).reshape(-1).contiguous(),
-                            logvar.to(dtype).reshape(-1).contiguous(), seed, samples,
-                            _backends.resolve(mu.device))
+    z = _ops.reparameterize(_as(mu, dtype).reshape(-1).contiguous(),
+                            _as(logvar, dtype).reshape(-1).contiguous(), seed, samples)
     return z.view(mu.shape) if n_samples is None else z.view(n_samples, *mu.shape)
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,
                 prior_logvar: Optional[Tensor] = None) -> Tensor:
-    """Analytic KL(N(mu, e^logvar) ‖ prior) in nats, summed over the last dim: ``[...]``.
+    """Analytic KL(N(mu, e^logvar) ‖ prior) in nats per datapoint: ``[B, *latent] → [B]``.
 
     The prior is N(0, I) by default, else the diagonal Gaussian N(prior_mu, e^prior_logvar)
-    (either may be omitted: 0); both broadcast to ``mu``'s shape ``[..., d]``."""
-    _check_latents(mu, logvar, prior_mu, prior_logvar)
+    (either may be omitted: 0); both broadcast to ``mu``'s shape."""
+    check_latents(mu, logvar, prior_mu, prior_logvar)
     check_same_device(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
-    if mu.dim() == 0:
-        raise ValueError("mu must have at least one dim (the latent dim), got a 0-dim tensor")
-    lead = tuple(mu.shape[:-1])
-    rows = math.prod(lead)
-    groups = (len(lead), 1)
-    priors = [None if p is None else _grouped(p, mu.shape, groups) for p in (prior_mu, prior_logvar)]
-    empty = mu.new_empty(rows, 0)
-    flat = (rows, mu.shape[-1])
-    outputs = _fused(empty, empty.unsqueeze(0), None, 0.0, mu.reshape(flat), logvar.reshape(flat),
-                     *priors, 1.0, 0.0, False, "none")
-    return outputs[0].view(lead)
-
-
-def _nll(x, x_hat, x_logvar, x_logvar_const, bernoulli, reduction):
-    batch = x.shape[0]
-    if x_hat.dim() == x.dim():
-        x_hat = x_hat.unsqueeze(0)
-    latent = x.new_empty(batch, 0)
-    return _fused(x, x_hat, x_logvar, x_logvar_const, latent, latent, None, None, 1.0, 0.0,
-                  bernoulli, reduction)[0]
-
-
-def _check_data(x, x_hat, name_hat):
-    check_float_tensor("x", x)
-    check_float_tensor(name_hat, x_hat)
-    if x.dim() < 1:
-        raise ValueError("x must be [B, *event] with at least one dim, got a 0-dim tensor")
-    if x_hat.shape != x.shape and x_hat.shape[1:] != x.shape:
-        raise ValueError(f"{name_hat} must have x's shape {tuple(x.shape)} or [S, "
-                         f"{', '.join(map(str, x.shape))}], got {tuple(x_hat.shape)}")
+    empty = mu.new_empty(mu.shape[0], 0)
+    return _fused(empty, empty.unsqueeze(0), None, 0.0, (mu, logvar, prior_mu, prior_logvar),
+                  1.0, 0.0, Likelihood.GAUSSIAN, Reduction.NONE).loss
 
 
 def gaussian_nll(x: Tensor, mean: Tensor, logvar: Optional[Tensor] = None, *, sigma=None,
                  reduction: str = "none") -> Tensor:
-    """Gaussian negative log-likelihood in nats, constants included.
+    """Gaussian negative log-likelihood in nats, constants included:
+    ``½((x − mean)²/σ² + log σ² + log 2π)`` summed over event dims.
 
     Args:
         x: ``[B, *event]``. mean: ``[B, *event]`` or ``[S, B, *event]`` (S samples).
-        logvar / sigma: the decoder variance as log σ² or σ, broadcasting against ``mean``
-            (scalar, ``[*event]``, ``[B, *event]`` or full); not both; neither means σ = 1.
+        logvar / sigma: the decoder variance as log σ² (note: a log-variance, where
+            ``torch.nn.functional.gaussian_nll_loss`` takes a variance) or as σ, broadcasting
+            against ``mean`` (scalar, ``[*event]``, ``[B, *event]`` or full); not both;
+            neither means σ = 1.
         reduction: 'none' → ``[B]`` (NLL summed over event dims, averaged over samples);
             'mean' / 'sum' → mean / sum of that over B.
     """
-    _check_data(x, mean, "mean")
-    check_choice("reduction", reduction, REDUCTIONS)
-    x_logvar, const = _decoder_logvar(logvar, sigma, mean.shape, "mean")
-    check_same_device(x=x, mean=mean, logvar=x_logvar, sigma=sigma)
-    return _nll(x, mean, x_logvar, const, False, reduction)
+    check_data(x, mean, "mean")
+    reduction = choice("reduction", reduction, REDUCTIONS)
+    theta, const = _decoder_scale(logvar, sigma, ("logvar", "sigma"), mean.shape, _gaussian_theta)
+    check_same_device(x=x, mean=mean, logvar=theta, sigma=sigma)
+    return _nll(x, mean, theta, const, Likelihood.GAUSSIAN, reduction)
+
+
+def laplace_nll(x: Tensor, loc: Tensor, log_scale: Optional[Tensor] = None, *, scale=None,
+                reduction: str = "none") -> Tensor:
+    """Laplace negative log-likelihood in nats, ``|x − loc|/b + log 2b`` summed over event
+    dims (an L1 reconstruction with a learned or fixed scale b).
+
+    ``log_scale`` is log b, ``scale`` is b (a float or tensor); neither means b = 1. Shapes
+    and reductions as :func:`gaussian_nll`."""
+    check_data(x, loc, "loc")
+    reduction = choice("reduction", reduction, REDUCTIONS)
+    theta, const = _decoder_scale(log_scale, scale, ("log_scale", "scale"), loc.shape,
+                                  _laplace_theta)
+    check_same_device(x=x, loc=loc, log_scale=theta, scale=scale)
+    return _nll(x, loc, theta, const, Likelihood.LAPLACE, reduction)
 
 
 def bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tensor:
-    """Bernoulli negative log-likelihood of ``x`` in [0, 1] given decoder ``logits``, in nats.
+    """Bernoulli negative log-likelihood of ``x`` in [0, 1] given decoder **logits** (not
+    probabilities), in nats: ``softplus(ℓ) − x·ℓ`` summed over event dims (stable form).
 
-    Shapes and reductions as :func:`gaussian_nll`; computed as softplus(ℓ) − x·ℓ (stable)."""
-    _check_data(x, logits, "logits")
-    check_choice("reduction", reduction, REDUCTIONS)
+    Shapes and reductions as :func:`gaussian_nll`."""
+    check_data(x, logits, "logits")
+    reduction = choice("reduction", reduction, REDUCTIONS)
     check_same_device(x=x, logits=logits)
-    return _nll(x, logits, None, 0.0, True, reduction)
+    return _nll(x, logits, None, 0.0, Likelihood.BERNOULLI, reduction)
 
 
 def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
-              beta=1.0, free_bits: float = 0.0, prior_mu: Optional[Tensor] = None,
-              prior_logvar: Optional[Tensor] = None, reduction: str = "mean",
-              return_terms: bool = False):
+              x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
+              prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
+              reduction: str = "mean", return_terms: bool = False):
     """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass.
 
     Args:
         x: data ``[B, *event]``.
-        x_hat: decoder output (Gaussian mean or Bernoulli logits), ``[B, *event]`` or
-            ``[S, B, *event]``; the NLL is averaged over the S samples.
-        mu, logvar: the encoder's ``[B, *latent]``; the KL is summed over latent dims.
-        likelihood: 'gaussian' or 'bernoulli'.
-        x_logvar / sigma: Gaussian decoder variance (see :func:`gaussian_nll`).
+        x_hat: decoder output ``[B, *event]`` or ``[S, B, *event]`` (the NLL is averaged over
+            the S samples): the mean (Gaussian), the location (Laplace) or the **logits**
+            (Bernoulli; probabilities would give a wrong loss).
+        mu, logvar: the encoder's ``[B, *latent]``; the KL is summed over all latent dims.
+        likelihood: 'gaussian', 'bernoulli' or 'laplace'.
+        x_logvar / sigma: Gaussian decoder variance as log σ² or σ (see :func:`gaussian_nll`).
+        x_logscale / scale: Laplace decoder scale as log b or b (see :func:`laplace_nll`).
         beta: float or 0-dim tensor weighting the KL (a tensor avoids recompiles).
         free_bits: λ ≥ 0 nats per latent dim: a dim whose batch-mean KL is below λ
             contributes the constant λ instead (no gradient).
@@ -265,26 +308,24 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
-    check_choice("likelihood", likelihood, LIKELIHOODS)
-    check_choice("reduction", reduction, REDUCTIONS)
-    _check_data(x, x_hat, "x_hat")
-    _check_latents(mu, logvar, prior_mu, prior_logvar)
-    if mu.dim() < 2 or mu.shape[0] != x.shape[0]:
+    likelihood = choice("likelihood", likelihood, LIKELIHOODS)
+    reduction = choice("reduction", reduction, REDUCTIONS)
+    check_data(x, x_hat, "x_hat")
+    check_latents(mu, logvar, prior_mu, prior_logvar)
+    if mu.shape[0] != x.shape[0]:
         raise ValueError(f"mu must be [B, *latent] with B = {x.shape[0]} (x's first dim), got "
                          f"{tuple(mu.shape)}")
     check_beta(beta)
     check_real("free_bits", free_bits, minimum=0.0)
-    bernoulli = likelihood == "bernoulli"
-    if bernoulli and (x_logvar is not None or sigma is not None):
-        raise ValueError("x_logvar and sigma belong to the Gaussian likelihood; "
-                         "likelihood='bernoulli' takes neither")
-    x_logvar, const = _decoder_logvar(x_logvar, sigma, x_hat.shape, "x_hat")
-    check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma,
+    theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
+                                       "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
+    check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
                       prior_mu=prior_mu, prior_logvar=prior_logvar)
     if x_hat.dim() == x.dim():
         x_hat = x_hat.unsqueeze(0)
-    loss, nll, kl = _fused(x, x_hat, x_logvar, const, mu, logvar, prior_mu, prior_logvar, beta,
-                           free_bits, bernoulli, reduction)[:3]
+    out = _fused(x, x_hat, theta, const, (mu, logvar, prior_mu, prior_logvar), beta, free_bits,
+                 likelihood, reduction)
     if not return_terms:
-        return loss
-    return ELBOTerms(loss, reduce_rows(nll, reduction).detach(), reduce_rows(kl, reduction).detach())
+        return out.loss
+    return ELBOTerms(out.loss, reduce_rows(out.nll, reduction).detach(),
+                     reduce_rows(out.kl, reduction).detach())

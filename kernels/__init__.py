@@ -1,5 +1,7 @@
-"""fastvae's Triton kernels, installed as ``fastvae.kernels``; ``fastvae._triton`` launches them.
+"""fastvae's Triton kernels, installed as ``fastvae.kernels``; ``fastvae.backends.triton``
+exposes them as a backend.
 
-Modules: ``reparameterize`` (sampling with in-kernel noise), ``elbo`` (the fused loss), and
-the shared ``_launch`` / ``_convert``.
+Modules: ``reparameterize`` (sampling with in-kernel noise), ``elbo`` (the fused loss, its
+per-element likelihood maths in ``likelihoods``), ``scale`` (the in-place upstream scaling), and
+the shared ``_launch`` (interpreter, launch configs) and ``_convert`` (dtype conversions).
 """

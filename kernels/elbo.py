@@ -5,324 +5,308 @@ Work layout (all reductions deterministic: fixed partial buffers summed in a fix
 * ``_elbo_kernel`` runs on a grid ``(groups, event tiles + latent tiles)``. Program
   ``(g, t)`` visits the datapoints ``g, g + groups, …`` (a persistent grid over rows). An event
   tile is all S samples × ``BLOCK_D`` event elements of one datapoint: it writes the
-  per-element gradients of x, x_hat (and a per-element x_logvar) and the tile's NLL sum to
+  per-element gradients of x, x̂ (and θ = x_log_scale) and the tile's NLL sum to
   ``nll_partial[t, b]``. A latent tile covers ``BLOCK_L`` latent dims of ``ROWS_L`` datapoints:
   it writes the KL gradients and the tile's KL sums.
-* Gradients of inputs broadcast over B (x_logvar with Bl=1, a prior with Bp=1) are summed over
-  the rows of a group in registers and stored once per group; those broadcast over D are
-  stored once per event tile. The launcher sums those partials over groups and tiles.
+* Gradients of inputs broadcast over B (θ with Bl=1, a prior with Bp=1) are summed over the
+  rows of a group in registers and stored once per group; θ's broadcast over D is stored once
+  per event tile. The launcher sums those partials over groups and tiles.
 * Free bits need the batch-mean KL of every latent dim before the loss: ``_kl_column_kernel``
   writes per-group column sums first, which the latent tiles add up in group order.
 * ``_elbo_rows_kernel`` adds the per-tile partials of every row into nll, kl, kl_term and
   ``nll + β·kl_term``.
+
+The kernels take the seven inputs and the seven gradient targets as tuples in slot order
+(``fastvae._common.INPUTS``); a None entry is absent (an input) or not wanted (a gradient), and
+the kernels branch on that at compile time. The broadcast layout of θ is the constexpr
+``THETA_FULL`` (for each of S, B, D: whether θ has that dim in full); strides follow from it.
 """
-import math
+import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import reduce_rows
+from .._common import Reduction, accumulation_dtype, reduce_rows
 from ._convert import narrow, widen
-from ._launch import (accumulation_type, resident_programs, torch_accumulation_dtype,
-                      tuning_configs, warp_stage_configs)
+from ._launch import LaunchConfig, launch, resident_programs, tunable, warp_stage_candidates
+from .likelihoods import terms
 
-LOG_2PI = tl.constexpr(math.log(2.0 * math.pi))
-
-# Elements per event tile (S × BLOCK_D) and per latent tile (ROWS_L × BLOCK_L): large enough
-# for wide vector loads, small enough to stay in registers with 4-8 warps.
+# Elements per event tile (S × BLOCK_D) and per latent tile (ROWS_L × BLOCK_L), run by 4 warps:
+# 8 event elements per thread (two 16-byte float32 vectors per tensor) at up to ~120
+# registers, so the 4 programs per SM of the persistent grid stay resident together.
 _EVENT_TILE = 1024
 _LATENT_TILE = 512
+_WARPS = 4
 _MIN_BLOCK = 16
 _ROWS_BLOCK = 128  # rows per program of the final per-row pass
+_ROWS_CONFIG = LaunchConfig(dict(BLOCK=_ROWS_BLOCK), _WARPS)
 
 
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _log1p(t):
-    """log(1 + t), accurate for small t without libdevice: log(u)·t/(u−1) with u = 1 + t."""
-    u = 1.0 + t
-    exact = u == 1.0
-    return tl.where(exact, t, tl.log(u) * (t / tl.where(exact, 1.0, u - 1.0)))
-
-
-@triton.jit
-def _weights(grad_scale_ptr, row, in_batch, uniform_weight, HAS_GRAD_SCALE: tl.constexpr,
-             ACC: tl.constexpr):
-    """w_b: ``grad_scale[row]``, else the uniform 1/B ('mean') or 1."""
-    if HAS_GRAD_SCALE:
-        return widen(tl.load(grad_scale_ptr + row, mask=in_batch, other=0.0), ACC)
+def _row_weight(grad_scale_ptr, row, in_batch, uniform_weight, ACC: tl.constexpr):
+    """w_b: ``grad_scale[row]``, else the uniform 1/B (MEAN) or 1."""
+    if grad_scale_ptr is None:
+        weight = tl.full((), uniform_weight, ACC)
     else:
-        return tl.full((), uniform_weight, ACC)
+        weight = widen(tl.load(grad_scale_ptr + row, mask=in_batch, other=0.0), ACC)
+    return weight
 
 
 @triton.jit
-def _event_tile(x_ptr, x_hat_ptr, x_logvar_ptr, grad_scale_ptr,
-                grad_x_ptr, grad_x_hat_ptr, grad_x_logvar_ptr, nll_partial_ptr,
-                group, tile, num_groups, batch, event_size, n_samples,
-                x_logvar_const, uniform_weight,
-                lv_stride_s, lv_stride_b, glv_stride_group, glv_stride_tile, glv_stride_s,
-                glv_stride_b,
-                BERNOULLI: tl.constexpr, HAS_X_LOGVAR: tl.constexpr,
-                HAS_GRAD_SCALE: tl.constexpr, NEED_X: tl.constexpr, NEED_X_HAT: tl.constexpr,
-                NEED_X_LOGVAR: tl.constexpr, LV_PER_SAMPLE: tl.constexpr,
-                LV_PER_ROW: tl.constexpr, LV_PER_EVENT: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store(ptr, offset, value, mask):
+    """Store ``value`` rounded to ``ptr``'s type, unless the gradient is not wanted (None)."""
+    if ptr is not None:
+        tl.store(ptr + offset, narrow(value, ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# event tiles: the likelihood
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _theta_strides(batch, event_size, THETA_FULL: tl.constexpr):
+    """Strides (sample, row) of a contiguous θ ``[Sl, Bl, Dl]``, 0 along a broadcast dim."""
+    events = tl.cast(event_size if THETA_FULL[2] else 1, tl.int64)
+    rows = batch if THETA_FULL[1] else 1
+    return rows * events if THETA_FULL[0] else 0, events if THETA_FULL[1] else 0
+
+
+@triton.jit
+def _theta_partial_start(group, tile, n_samples, batch, event_size, THETA_FULL: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Where the (group, tile) slice of θ's gradient target ``[G, T, Sl, Bl, Dl]`` starts:
+    G = groups where θ is broadcast over B, else 1; T = event tiles where over D, else 1."""
+    size = tl.cast(n_samples if THETA_FULL[0] else 1, tl.int64)
+    size *= batch if THETA_FULL[1] else 1
+    size *= event_size if THETA_FULL[2] else 1
+    tiles = 1 if THETA_FULL[2] else tl.cdiv(event_size, BLOCK_D)
+    group_stride = 0 if THETA_FULL[1] else size * tiles
+    return group.to(tl.int64) * group_stride + tile * (0 if THETA_FULL[2] else size)
+
+
+@triton.jit
+def _event_row(inputs, grads, nll_partial_ptr, grad_scale_ptr, row, tile, sample, event, valid,
+               theta_offset, sizes, theta_const, uniform_weight, LIKELIHOOD: tl.constexpr,
+               THETA_FULL: tl.constexpr, ACC: tl.constexpr):
+    """One row of an event tile: NLL partial, x and x̂ gradients stored; returns θ's gradient
+    summed over the dims θ is broadcast along (except B, which the caller handles)."""
+    batch, n_samples, event_size = sizes[0], sizes[1], sizes[2]
+    in_event = event < event_size
+    x = widen(tl.load(inputs[0] + row * event_size + event, mask=in_event, other=0.0), ACC)
+    hat_offset = (sample * batch + row) * event_size + event
+    x_hat = widen(tl.load(inputs[1] + hat_offset, mask=valid, other=0.0), ACC)
+    if inputs[2] is None:
+        theta = tl.full((), theta_const, ACC)
+    else:
+        theta = widen(tl.load(inputs[2] + theta_offset, mask=valid, other=0.0), ACC)
+    nll, d_x, d_x_hat, d_theta = terms(x, x_hat, theta, LIKELIHOOD)
+    # Masked lanes still carry θ's terms: sum only the valid ones.
+    tl.store(nll_partial_ptr + tile * batch + row,
+             tl.sum(tl.sum(tl.where(valid, nll, 0.0), axis=1), axis=0))
+
+    weight = _row_weight(grad_scale_ptr, row, True, uniform_weight, ACC) / n_samples
+    _store(grads[1], hat_offset, d_x_hat * weight, valid)
+    _store(grads[0], row * event_size + event,
+           tl.sum(tl.where(valid, d_x * weight, 0.0), axis=0, keep_dims=True), in_event)
+    d_theta = tl.where(valid, d_theta * weight, 0.0)
+    if not THETA_FULL[0]:
+        d_theta = tl.sum(d_theta, axis=0, keep_dims=True)
+    if not THETA_FULL[2]:
+        d_theta = tl.sum(d_theta, axis=1, keep_dims=True)
+    return d_theta
+
+
+@triton.jit
+def _event_tile(inputs, grads, nll_partial_ptr, grad_scale_ptr, group, tile, sizes,
+                theta_const, uniform_weight, LIKELIHOOD: tl.constexpr, THETA_FULL: tl.constexpr,
+                ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    batch, n_samples, event_size = sizes[0], sizes[1], sizes[2]
     tile = tile.to(tl.int64)
     sample = tl.arange(0, BLOCK_S)[:, None].to(tl.int64)
     event = tile * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
-    in_event = event < event_size
-    valid = (sample < n_samples) & in_event
+    valid = (sample < n_samples) & (event < event_size)
+    stride_sample, stride_row = _theta_strides(batch, event_size, THETA_FULL)
+    theta_offset = sample * stride_sample
+    if THETA_FULL[2]:
+        theta_offset += event
 
-    # The x_logvar gradient after summing over the dims it is broadcast along.
-    LV_S: tl.constexpr = BLOCK_S if LV_PER_SAMPLE else 1
-    LV_E: tl.constexpr = BLOCK_D if LV_PER_EVENT else 1
-    lv_sample = tl.arange(0, LV_S)[:, None].to(tl.int64)
-    lv_grad_offset = lv_sample * glv_stride_s + tile * glv_stride_tile
-    lv_grad_valid = lv_sample < n_samples
-    if LV_PER_EVENT:
-        lv_grad_offset += event
-        lv_grad_valid = lv_grad_valid & in_event
-    lv_grad_columns = tl.zeros((LV_S, LV_E), ACC)  # summed over rows when Bl = 1
+    # θ's gradient target: one sample / event column where θ is broadcast along S / D.
+    THETA_S: tl.constexpr = BLOCK_S if THETA_FULL[0] else 1
+    theta_sample = tl.arange(0, THETA_S)[:, None].to(tl.int64)
+    grad_theta_offset = theta_sample * stride_sample + _theta_partial_start(
+        group, tile, n_samples, batch, event_size, THETA_FULL, BLOCK_D)
+    grad_theta_valid = theta_sample < n_samples
+    if THETA_FULL[2]:
+        grad_theta_offset += event
+        grad_theta_valid = grad_theta_valid & (event < event_size)
+    theta_columns = tl.zeros(grad_theta_offset.shape, ACC)  # summed over rows when Bl = 1
 
-    if not HAS_X_LOGVAR:
-        x_logvar = tl.full((), x_logvar_const, ACC)
-    for row_index in range(group, batch, num_groups):
+    for row_index in range(group, batch, tl.num_programs(0)):
         row = tl.cast(row_index, tl.int64)
-        x = widen(tl.load(x_ptr + row * event_size + event, mask=in_event, other=0.0), ACC)
-        hat_offset = (sample * batch + row) * event_size + event
-        x_hat = widen(tl.load(x_hat_ptr + hat_offset, mask=valid, other=0.0), ACC)
-        if HAS_X_LOGVAR:
-            lv_offset = sample * lv_stride_s + row * lv_stride_b
-            if LV_PER_EVENT:
-                lv_offset += event
-            x_logvar = widen(tl.load(x_logvar_ptr + lv_offset, mask=valid, other=0.0), ACC)
-        if BERNOULLI:
-            decay = tl.exp(-tl.abs(x_hat))
-            nll = tl.maximum(x_hat, 0.0) + _log1p(decay) - x * x_hat
-            sigmoid = tl.where(x_hat >= 0.0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
-            d_x = -x_hat
-            d_x_hat = sigmoid - x
+        d_theta = _event_row(inputs, grads, nll_partial_ptr, grad_scale_ptr, row, tile, sample,
+                             event, valid, theta_offset + row * stride_row, sizes, theta_const,
+                             uniform_weight, LIKELIHOOD, THETA_FULL, ACC)
+        if THETA_FULL[1]:
+            _store(grads[2], grad_theta_offset + row * stride_row, d_theta, grad_theta_valid)
         else:
-            residual = x - x_hat
-            precision = tl.exp(-x_logvar)
-            scaled_sq = residual * residual * precision
-            nll = 0.5 * (scaled_sq + x_logvar + LOG_2PI)
-            d_x = residual * precision
-            d_x_hat = -d_x
-        nll_sum = tl.sum(tl.sum(tl.where(valid, nll, 0.0), axis=1), axis=0)
-        tl.store(nll_partial_ptr + tile * batch + row, nll_sum)
-
-        nll_weight = _weights(grad_scale_ptr, row, True, uniform_weight, HAS_GRAD_SCALE,
-                              ACC) / n_samples
-        if NEED_X_HAT:
-            tl.store(grad_x_hat_ptr + hat_offset,
-                     narrow(d_x_hat * nll_weight, grad_x_hat_ptr.dtype.element_ty), mask=valid)
-        if NEED_X:
-            grad_x = tl.sum(tl.where(valid, d_x * nll_weight, 0.0), axis=0, keep_dims=True)
-            tl.store(grad_x_ptr + row * event_size + event,
-                     narrow(grad_x, grad_x_ptr.dtype.element_ty), mask=in_event)
-        if NEED_X_LOGVAR:
-            grad_lv = tl.where(valid, 0.5 * (1.0 - scaled_sq) * nll_weight, 0.0)
-            if not LV_PER_SAMPLE:
-                grad_lv = tl.sum(grad_lv, axis=0, keep_dims=True)
-            if not LV_PER_EVENT:
-                grad_lv = tl.sum(grad_lv, axis=1, keep_dims=True)
-            if LV_PER_ROW:
-                tl.store(grad_x_logvar_ptr + lv_grad_offset + row * glv_stride_b,
-                         narrow(grad_lv, grad_x_logvar_ptr.dtype.element_ty), mask=lv_grad_valid)
-            else:
-                lv_grad_columns += grad_lv
-    if NEED_X_LOGVAR and not LV_PER_ROW:
-        tl.store(grad_x_logvar_ptr + lv_grad_offset + group.to(tl.int64) * glv_stride_group,
-                 narrow(lv_grad_columns, grad_x_logvar_ptr.dtype.element_ty), mask=lv_grad_valid)
+            theta_columns += d_theta
+    if not THETA_FULL[1]:
+        _store(grads[2], grad_theta_offset, theta_columns, grad_theta_valid)
 
 
+# ----------------------------------------------------------------------------------------------
+# latent tiles: the KL
+# ----------------------------------------------------------------------------------------------
 @triton.jit
-def _standard_normal_kl(mu, logvar):
+def _kl_terms(mu, logvar, prior_mu, prior_logvar, HAS_PRIOR: tl.constexpr):
+    """Per-element KL and its gradients (∂μ, ∂lv, ∂lv_p; ∂μ_p = −∂μ) against N(0, I) or a
+    diagonal Gaussian prior."""
     var = tl.exp(logvar)
-    return 0.5 * (mu * mu + var - 1.0 - logvar), mu, 0.5 * (var - 1.0)
-
-
-@triton.jit
-def _gaussian_prior_kl(mu, logvar, prior_mu, prior_logvar):
-    """KL, ∂μ, ∂lv and ∂lv_p (∂μ_p = −∂μ) for a diagonal Gaussian prior."""
-    var = tl.exp(logvar)
-    diff = mu - prior_mu
-    inv_prior_var = tl.exp(-prior_logvar)
-    spread = (var + diff * diff) * inv_prior_var
-    kl = 0.5 * (prior_logvar - logvar + spread - 1.0)
-    return kl, diff * inv_prior_var, 0.5 * (var * inv_prior_var - 1.0), 0.5 * (1.0 - spread)
-
-
-@triton.jit
-def _latent_rows(row_block, ROWS_L: tl.constexpr):
-    return tl.cast(row_block, tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
-
-
-@triton.jit
-def _latent_columns(tile, BLOCK_L: tl.constexpr):
-    return tile.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
-
-
-@triton.jit
-def _load_latents(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, offset, latent, valid,
-                  HAS_PRIOR: tl.constexpr, PRIOR_PER_ROW: tl.constexpr, ACC: tl.constexpr):
-    mu = widen(tl.load(mu_ptr + offset, mask=valid, other=0.0), ACC)
-    logvar = widen(tl.load(logvar_ptr + offset, mask=valid, other=0.0), ACC)
     if HAS_PRIOR:
-        prior_offset = offset if PRIOR_PER_ROW else latent
-        prior_mu = widen(tl.load(prior_mu_ptr + prior_offset, mask=valid, other=0.0), ACC)
-        prior_logvar = widen(tl.load(prior_logvar_ptr + prior_offset, mask=valid, other=0.0), ACC)
+        diff = mu - prior_mu
+        inv_prior_var = tl.exp(-prior_logvar)
+        spread = (var + diff * diff) * inv_prior_var
+        kl = 0.5 * (prior_logvar - logvar + spread - 1.0)
+        result = kl, diff * inv_prior_var, 0.5 * (var * inv_prior_var - 1.0), 0.5 * (1.0 - spread)
     else:
-        prior_mu = mu  # unused without a prior
-        prior_logvar = logvar
-    return mu, logvar, prior_mu, prior_logvar
+        kl = 0.5 * (mu * mu + var - 1.0 - logvar)
+        result = kl, mu, 0.5 * (var - 1.0), tl.zeros_like(kl)
+    return result
 
 
 @triton.jit
-def _kl_column_kernel(kl_columns_ptr, mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr,
-                      batch, latent_size, HAS_PRIOR: tl.constexpr, PRIOR_PER_ROW: tl.constexpr,
+def _latent_kl(inputs, row, latent, latent_size, valid, PRIOR_PER_ROW: tl.constexpr,
+               ACC: tl.constexpr):
+    """Loads the latents of ``[rows, latent]`` and returns ``_kl_terms`` of them."""
+    offset = row * latent_size + latent
+    mu = widen(tl.load(inputs[3] + offset, mask=valid, other=0.0), ACC)
+    logvar = widen(tl.load(inputs[4] + offset, mask=valid, other=0.0), ACC)
+    if inputs[5] is None:
+        prior_mu, prior_logvar = mu, logvar  # unused against N(0, I)
+    else:
+        prior_offset = offset if PRIOR_PER_ROW else latent
+        prior_mu = widen(tl.load(inputs[5] + prior_offset, mask=valid, other=0.0), ACC)
+        prior_logvar = widen(tl.load(inputs[6] + prior_offset, mask=valid, other=0.0), ACC)
+    return _kl_terms(mu, logvar, prior_mu, prior_logvar, inputs[5] is not None)
+
+
+@triton.jit
+def _kl_column_kernel(inputs, kl_columns_ptr, sizes, PRIOR_PER_ROW: tl.constexpr,
                       ACC: tl.constexpr, ROWS_L: tl.constexpr, BLOCK_L: tl.constexpr):
     """Per-group column sums of the KL over datapoints (for free bits): ``[groups, d]``."""
+    batch, latent_size = sizes[0], sizes[3]
     group = tl.program_id(0)
-    tile = tl.program_id(1)
-    latent = _latent_columns(tile, BLOCK_L)
+    latent = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
     in_latent = latent < latent_size
     column_sum = tl.zeros((1, BLOCK_L), ACC)
     for row_block in range(group, tl.cdiv(batch, ROWS_L), tl.num_programs(0)):
-        row = _latent_rows(row_block, ROWS_L)
+        row = tl.cast(row_block, tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
         valid = (row < batch) & in_latent
-        mu, logvar, prior_mu, prior_logvar = _load_latents(
-            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, row * latent_size + latent,
-            latent, valid, HAS_PRIOR, PRIOR_PER_ROW, ACC)
-        if HAS_PRIOR:
-            kl = _gaussian_prior_kl(mu, logvar, prior_mu, prior_logvar)[0]
-        else:
-            kl = _standard_normal_kl(mu, logvar)[0]
+        kl = _latent_kl(inputs, row, latent, latent_size, valid, PRIOR_PER_ROW, ACC)[0]
         column_sum += tl.sum(tl.where(valid, kl, 0.0), axis=0, keep_dims=True)
     tl.store(kl_columns_ptr + group.to(tl.int64) * latent_size + latent, column_sum,
              mask=in_latent)
 
 
 @triton.jit
-def _latent_tile(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, grad_scale_ptr, beta_ptr,
-                 kl_columns_ptr, grad_mu_ptr, grad_logvar_ptr, grad_prior_mu_ptr,
-                 grad_prior_logvar_ptr, kl_partial_ptr, kl_term_partial_ptr,
-                 group, tile, num_groups, batch, latent_size, num_column_groups,
-                 free_bits, uniform_weight,
-                 HAS_PRIOR: tl.constexpr, PRIOR_PER_ROW: tl.constexpr, FREE_BITS: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr, NEED_MU: tl.constexpr,
-                 NEED_LOGVAR: tl.constexpr, NEED_PRIOR_MU: tl.constexpr,
-                 NEED_PRIOR_LOGVAR: tl.constexpr, ACC: tl.constexpr, ROWS_L: tl.constexpr,
-                 BLOCK_L: tl.constexpr):
-    latent = _latent_columns(tile, BLOCK_L)
-    in_latent = latent < latent_size
-    beta = widen(tl.load(beta_ptr), ACC)
-    if FREE_BITS:
-        floor = tl.full((), free_bits, ACC)
-        column_sum = tl.zeros((1, BLOCK_L), ACC)
-        for column_group in range(num_column_groups):  # in group order on every program
+def _active_dims(kl_columns_ptr, latent, in_latent, batch, latent_size, floor,
+                 ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Free bits: the latent dims whose batch-mean KL reaches the floor (all without)."""
+    column_sum = tl.zeros((1, BLOCK_L), ACC)
+    if kl_columns_ptr is not None:
+        for column_group in range(tl.num_programs(0)):  # in group order on every program
             column_sum += tl.load(kl_columns_ptr + tl.cast(column_group, tl.int64) * latent_size
                                   + latent, mask=in_latent, other=0.0)
-        active = column_sum / batch >= floor
+    return column_sum / batch >= floor
+
+
+@triton.jit
+def _latent_rows(inputs, grads, partials, grad_scale_ptr, row_block, tile, latent, in_latent,
+                 active, beta, floor, sizes, uniform_weight, PRIOR_PER_ROW: tl.constexpr,
+                 ACC: tl.constexpr, ROWS_L: tl.constexpr):
+    """``ROWS_L`` rows of a latent tile: KL partials and KL gradients stored; returns the
+    prior gradients summed over these rows (for a prior shared by every row)."""
+    batch, latent_size = sizes[0], sizes[3]
+    row = tl.cast(row_block, tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
+    in_batch = row < batch
+    valid = in_batch & in_latent
+    kl, d_mu, d_logvar, d_prior_logvar = _latent_kl(inputs, row, latent, latent_size, valid,
+                                                    PRIOR_PER_ROW, ACC)
+    kl = tl.where(valid, kl, 0.0)
+    partial_offset = tile * batch + row
+    tl.store(partials[1] + partial_offset, tl.sum(kl, axis=1, keep_dims=True), mask=in_batch)
+    weight = beta * _row_weight(grad_scale_ptr, row, in_batch, uniform_weight, ACC)
+    if partials[2] is not None:  # free bits: a clamped dim counts the floor and has no gradient
+        kl_term = tl.where(valid, tl.where(active, kl, floor), 0.0)
+        tl.store(partials[2] + partial_offset, tl.sum(kl_term, axis=1, keep_dims=True),
+                 mask=in_batch)
+        weight = weight * active.to(ACC)
+    offset = row * latent_size + latent
+    _store(grads[3], offset, d_mu * weight, valid)
+    _store(grads[4], offset, d_logvar * weight, valid)
+    grad_prior_mu = tl.where(valid, -d_mu * weight, 0.0)
+    grad_prior_logvar = tl.where(valid, d_prior_logvar * weight, 0.0)
+    if PRIOR_PER_ROW:
+        _store(grads[5], offset, grad_prior_mu, valid)
+        _store(grads[6], offset, grad_prior_logvar, valid)
+    return (tl.sum(grad_prior_mu, axis=0, keep_dims=True),
+            tl.sum(grad_prior_logvar, axis=0, keep_dims=True))
+
+
+@triton.jit
+def _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group, tile, sizes,
+                 free_bits, uniform_weight, PRIOR_PER_ROW: tl.constexpr, ACC: tl.constexpr,
+                 ROWS_L: tl.constexpr, BLOCK_L: tl.constexpr):
+    batch, latent_size = sizes[0], sizes[3]
+    tile = tile.to(tl.int64)
+    latent = tile * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    in_latent = latent < latent_size
+    beta = widen(tl.load(beta_ptr), ACC)
+    floor = tl.full((), free_bits, ACC)
+    active = _active_dims(partials[3], latent, in_latent, batch, latent_size, floor, ACC,
+                          BLOCK_L)
     prior_mu_columns = tl.zeros((1, BLOCK_L), ACC)  # summed over rows when Bp = 1
     prior_logvar_columns = tl.zeros((1, BLOCK_L), ACC)
-    for row_block in range(group, tl.cdiv(batch, ROWS_L), num_groups):
-        row = _latent_rows(row_block, ROWS_L)
-        in_batch = row < batch
-        valid = in_batch & in_latent
-        offset = row * latent_size + latent
-        mu, logvar, prior_mu, prior_logvar = _load_latents(
-            mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, offset, latent, valid,
-            HAS_PRIOR, PRIOR_PER_ROW, ACC)
-        if HAS_PRIOR:
-            kl, d_mu, d_logvar, d_prior_logvar = _gaussian_prior_kl(mu, logvar, prior_mu,
-                                                                    prior_logvar)
-        else:
-            kl, d_mu, d_logvar = _standard_normal_kl(mu, logvar)
-        kl = tl.where(valid, kl, 0.0)
-        partial_offset = tile.to(tl.int64) * batch + row
-        tl.store(kl_partial_ptr + partial_offset, tl.sum(kl, axis=1, keep_dims=True),
-                 mask=in_batch)
-
-        weight = beta * _weights(grad_scale_ptr, row, in_batch, uniform_weight, HAS_GRAD_SCALE,
-                                 ACC)
-        if FREE_BITS:
-            kl_term = tl.where(valid, tl.where(active, kl, floor), 0.0)
-            tl.store(kl_term_partial_ptr + partial_offset,
-                     tl.sum(kl_term, axis=1, keep_dims=True), mask=in_batch)
-            weight = weight * active.to(ACC)
-        if NEED_MU:
-            tl.store(grad_mu_ptr + offset, narrow(d_mu * weight, grad_mu_ptr.dtype.element_ty),
-                     mask=valid)
-        if NEED_LOGVAR:
-            tl.store(grad_logvar_ptr + offset,
-                     narrow(d_logvar * weight, grad_logvar_ptr.dtype.element_ty), mask=valid)
-        if NEED_PRIOR_MU:
-            grad_prior_mu = -d_mu * weight
-            if PRIOR_PER_ROW:
-                tl.store(grad_prior_mu_ptr + offset,
-                         narrow(grad_prior_mu, grad_prior_mu_ptr.dtype.element_ty), mask=valid)
-            else:
-                prior_mu_columns += tl.sum(tl.where(valid, grad_prior_mu, 0.0), axis=0,
-                                           keep_dims=True)
-        if NEED_PRIOR_LOGVAR:
-            grad_prior_logvar = d_prior_logvar * weight
-            if PRIOR_PER_ROW:
-                tl.store(grad_prior_logvar_ptr + offset,
-                         narrow(grad_prior_logvar, grad_prior_logvar_ptr.dtype.element_ty),
-                         mask=valid)
-            else:
-                prior_logvar_columns += tl.sum(tl.where(valid, grad_prior_logvar, 0.0), axis=0,
-                                               keep_dims=True)
-    column_offset = group.to(tl.int64) * latent_size + latent
-    if NEED_PRIOR_MU and not PRIOR_PER_ROW:
-        tl.store(grad_prior_mu_ptr + column_offset, prior_mu_columns, mask=in_latent)
-    if NEED_PRIOR_LOGVAR and not PRIOR_PER_ROW:
-        tl.store(grad_prior_logvar_ptr + column_offset, prior_logvar_columns, mask=in_latent)
+    for row_block in range(group, tl.cdiv(batch, ROWS_L), tl.num_programs(0)):
+        grad_prior_mu, grad_prior_logvar = _latent_rows(
+            inputs, grads, partials, grad_scale_ptr, row_block, tile, latent, in_latent, active,
+            beta, floor, sizes, uniform_weight, PRIOR_PER_ROW, ACC, ROWS_L)
+        if not PRIOR_PER_ROW:
+            prior_mu_columns += grad_prior_mu
+            prior_logvar_columns += grad_prior_logvar
+    if not PRIOR_PER_ROW:
+        column_offset = group.to(tl.int64) * latent_size + latent
+        _store(grads[5], column_offset, prior_mu_columns, in_latent)
+        _store(grads[6], column_offset, prior_logvar_columns, in_latent)
 
 
-@triton.autotune(configs=tuning_configs(warp_stage_configs()),
-                 key=["event_size", "n_samples", "latent_size"], cache_results=True)
+# ----------------------------------------------------------------------------------------------
+# the kernels
+# ----------------------------------------------------------------------------------------------
+@tunable(key=["sizes"], candidates=warp_stage_candidates())
 @triton.jit
-def _elbo_kernel(x_ptr, x_hat_ptr, x_logvar_ptr, mu_ptr, logvar_ptr, prior_mu_ptr,
-                 prior_logvar_ptr, beta_ptr, grad_scale_ptr, kl_columns_ptr,
-                 grad_x_ptr, grad_x_hat_ptr, grad_x_logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
-                 grad_prior_mu_ptr, grad_prior_logvar_ptr,
-                 nll_partial_ptr, kl_partial_ptr, kl_term_partial_ptr,
-                 batch, event_size, n_samples, latent_size, num_event_tiles,
-                 x_logvar_const: tl.float64, free_bits: tl.float64, uniform_weight: tl.float64,
-                 lv_stride_s, lv_stride_b, glv_stride_group, glv_stride_tile, glv_stride_s,
-                 glv_stride_b,
-                 BERNOULLI: tl.constexpr, HAS_X_LOGVAR: tl.constexpr,
-                 LV_PER_SAMPLE: tl.constexpr, LV_PER_ROW: tl.constexpr,
-                 LV_PER_EVENT: tl.constexpr, HAS_PRIOR: tl.constexpr,
-                 PRIOR_PER_ROW: tl.constexpr, FREE_BITS: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr, NEED_X: tl.constexpr, NEED_X_HAT: tl.constexpr,
-                 NEED_X_LOGVAR: tl.constexpr, NEED_MU: tl.constexpr, NEED_LOGVAR: tl.constexpr,
-                 NEED_PRIOR_MU: tl.constexpr, NEED_PRIOR_LOGVAR: tl.constexpr,
+def _elbo_kernel(inputs, grads, partials, beta_ptr, grad_scale_ptr, sizes,
+                 theta_const: tl.float64, free_bits: tl.float64, uniform_weight: tl.float64,
+                 LIKELIHOOD: tl.constexpr, THETA_FULL: tl.constexpr, PRIOR_PER_ROW: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROWS_L: tl.constexpr, BLOCK_L: tl.constexpr):
+    """``inputs``, ``grads``: 7-tuples in slot order (see the module docstring); ``partials``:
+    (nll_partial, kl_partial, kl_term_partial, kl_columns), the last two None without free
+    bits; ``sizes``: (B, S, D, d)."""
     group = tl.program_id(0)
     tile = tl.program_id(1)
-    num_groups = tl.num_programs(0)
-    if tile < num_event_tiles:
-        _event_tile(x_ptr, x_hat_ptr, x_logvar_ptr, grad_scale_ptr,
-                    grad_x_ptr, grad_x_hat_ptr, grad_x_logvar_ptr, nll_partial_ptr,
-                    group, tile, num_groups, batch, event_size, n_samples,
-                    x_logvar_const, uniform_weight,
-                    lv_stride_s, lv_stride_b, glv_stride_group, glv_stride_tile, glv_stride_s,
-                    glv_stride_b,
-                    BERNOULLI, HAS_X_LOGVAR, HAS_GRAD_SCALE, NEED_X, NEED_X_HAT, NEED_X_LOGVAR,
-                    LV_PER_SAMPLE, LV_PER_ROW, LV_PER_EVENT, ACC, BLOCK_S, BLOCK_D)
+    event_tiles = tl.cdiv(sizes[2], BLOCK_D)
+    if tile < event_tiles:
+        _event_tile(inputs, grads, partials[0], grad_scale_ptr, group, tile, sizes, theta_const,
+                    uniform_weight, LIKELIHOOD, THETA_FULL, ACC, BLOCK_S, BLOCK_D)
     else:
-        _latent_tile(mu_ptr, logvar_ptr, prior_mu_ptr, prior_logvar_ptr, grad_scale_ptr,
-                     beta_ptr, kl_columns_ptr, grad_mu_ptr, grad_logvar_ptr, grad_prior_mu_ptr,
-                     grad_prior_logvar_ptr, kl_partial_ptr, kl_term_partial_ptr,
-                     group, tile - num_event_tiles, num_groups, batch, latent_size, num_groups,
-                     free_bits, uniform_weight,
-                     HAS_PRIOR, PRIOR_PER_ROW, FREE_BITS, HAS_GRAD_SCALE, NEED_MU, NEED_LOGVAR,
-                     NEED_PRIOR_MU, NEED_PRIOR_LOGVAR, ACC, ROWS_L, BLOCK_L)
+        _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group,
+                     tile - event_tiles, sizes, free_bits, uniform_weight, PRIOR_PER_ROW, ACC,
+                     ROWS_L, BLOCK_L)
 
 
 @triton.jit
@@ -336,130 +320,161 @@ def _sum_partials(partial_ptr, row, valid, batch, num_tiles, ACC: tl.constexpr):
 
 
 @triton.jit
-def _elbo_rows_kernel(loss_rows_ptr, nll_ptr, kl_ptr, kl_term_ptr, nll_partial_ptr,
-                      kl_partial_ptr, kl_term_partial_ptr, beta_ptr, batch, n_samples,
-                      num_event_tiles, num_latent_tiles, FREE_BITS: tl.constexpr,
+def _elbo_rows_kernel(rows, partials, beta_ptr, batch, n_samples, event_tiles, latent_tiles,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``rows`` = (loss, nll, kl, kl_term), each ``[B]``; ``partials`` as ``_elbo_kernel``'s."""
     row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = row < batch
-    nll = _sum_partials(nll_partial_ptr, row, valid, batch, num_event_tiles, ACC) / n_samples
-    kl = _sum_partials(kl_partial_ptr, row, valid, batch, num_latent_tiles, ACC)
-    if FREE_BITS:
-        kl_term = _sum_partials(kl_term_partial_ptr, row, valid, batch, num_latent_tiles, ACC)
-    else:
+    nll = _sum_partials(partials[0], row, valid, batch, event_tiles, ACC) / n_samples
+    kl = _sum_partials(partials[1], row, valid, batch, latent_tiles, ACC)
+    if partials[2] is None:
         kl_term = kl
-    tl.store(nll_ptr + row, nll, mask=valid)
-    tl.store(kl_ptr + row, kl, mask=valid)
-    tl.store(kl_term_ptr + row, kl_term, mask=valid)
-    tl.store(loss_rows_ptr + row, nll + widen(tl.load(beta_ptr), ACC) * kl_term, mask=valid)
+    else:
+        kl_term = _sum_partials(partials[2], row, valid, batch, latent_tiles, ACC)
+    tl.store(rows[1] + row, nll, mask=valid)
+    tl.store(rows[2] + row, kl, mask=valid)
+    tl.store(rows[3] + row, kl_term, mask=valid)
+    tl.store(rows[0] + row, nll + widen(tl.load(beta_ptr), ACC) * kl_term, mask=valid)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# ----------------------------------------------------------------------------------------------
+# the launcher
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the shapes decide about one loss launch; built once per shape class (cached)."""
+    acc: torch.dtype
+    groups: int              # row groups of the persistent grid
+    event_tiles: int         # 0: no event tile runs (B = 0 or D = 0)
+    latent_tiles: int        # 0: no latent tile runs (B = 0 or d = 0)
+    theta_full: tuple        # (S, B, D): whether θ has that dim in full
+    theta_partial: tuple     # shape θ's gradient is summed in, () when it goes to the output
+    prior_per_row: bool
+    free_bits: bool
+    main: LaunchConfig       # _elbo_kernel: blocks, warps, stages
+    latent: LaunchConfig     # _kl_column_kernel
+
+    @property
+    def acc_type(self):
+        return tl.float64 if self.acc == torch.float64 else tl.float32
+
+    def runs(self, slot: int) -> bool:
+        """Whether a kernel writes gradient slot ``slot`` (else it is a sum over nothing)."""
+        return (self.event_tiles if slot < 3 else self.latent_tiles) > 0
+
+    def partial_dims(self, slot: int) -> tuple:
+        """The dims of slot's target that are summed into its gradient after the kernel; ()
+        where the kernel writes the gradient itself."""
+        if slot == 2 and self.theta_partial:
+            return (0, 1)
+        return (0,) if slot >= 5 and not self.prior_per_row else ()
 
 
-def elbo(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
-         free_bits, bernoulli, reduction, grad_scale, needs_grad):
-    """The fused loss; arguments, shapes and outputs as ``fastvae.reference.elbo``."""
-    n_samples, batch, event_size = x_hat.shape
-    latent_size = mu.shape[1]
-    device = x.device
-    acc = accumulation_type(x, x_hat, x_logvar, mu)
-    acc_dtype = torch_accumulation_dtype(x, x_hat, x_logvar, mu)
-    need = [bool(n) for n in needs_grad]
-    inputs = (x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar)
-    grads = [torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(inputs, need)]
-
+def _event_blocks(n_samples: int, event_size: int):
     block_s = triton.next_power_of_2(max(n_samples, 1))
-    block_d = max(_MIN_BLOCK, min(triton.next_power_of_2(event_size), _EVENT_TILE // block_s))
-    block_l = max(_MIN_BLOCK, min(triton.next_power_of_2(latent_size), _LATENT_TILE))
-    rows_l = max(1, min(_LATENT_TILE // block_l, triton.next_power_of_2(batch)))
-    event_tiles = _cdiv(event_size, block_d) if batch and n_samples and event_size else 0
-    latent_tiles = _cdiv(latent_size, block_l) if batch and latent_size else 0
-    tiles = event_tiles + latent_tiles
-    groups = min(batch, max(1, resident_programs(device) // max(tiles, 1)))
-    free_bits_on = free_bits > 0 and latent_tiles > 0
+    block_d = max(_MIN_BLOCK, min(triton.next_power_of_2(max(event_size, 1)),
+                                  _EVENT_TILE // block_s))
+    return block_s, block_d
 
+
+def _latent_blocks(batch: int, latent_size: int):
+    block_l = max(_MIN_BLOCK, min(triton.next_power_of_2(max(latent_size, 1)), _LATENT_TILE))
+    rows_l = max(1, min(_LATENT_TILE // block_l, triton.next_power_of_2(max(batch, 1))))
+    return rows_l, block_l
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(n_samples, batch, event_size, latent_size, theta_shape, prior_rows, free_bits, acc,
+          programs) -> _Plan:
+    block_s, block_d = _event_blocks(n_samples, event_size)
+    rows_l, block_l = _latent_blocks(batch, latent_size)
+    event_tiles = -(-event_size // block_d) if batch else 0
+    latent_tiles = -(-latent_size // block_l) if batch else 0
+    groups = min(batch, max(1, programs // max(event_tiles + latent_tiles, 1)))
+    full = (True, True, True) if theta_shape is None else tuple(
+        n == size for n, size in zip(theta_shape, (n_samples, batch, event_size)))
+    partial = () if full[1] and full[2] else (1 if full[1] else groups,
+                                              1 if full[2] else event_tiles, *theta_shape)
+    latent_meta = dict(ROWS_L=rows_l, BLOCK_L=block_l)
+    main = LaunchConfig(dict(BLOCK_S=block_s, BLOCK_D=block_d, **latent_meta), _WARPS)
+    return _Plan(acc, groups, event_tiles, latent_tiles, full, partial, prior_rows == batch,
+                 free_bits and latent_tiles > 0, main, LaunchConfig(latent_meta, _WARPS))
+
+
+def _target(tensor, slot, plan):
+    """Where the kernel writes slot's gradient: the output, or a partial buffer to sum."""
+    if plan.partial_dims(slot) == (0, 1):
+        return tensor.new_empty(plan.theta_partial, dtype=plan.acc)
+    if plan.partial_dims(slot):
+        return tensor.new_empty((plan.groups, tensor.shape[1]), dtype=plan.acc)
+    return torch.empty_like(tensor)
+
+
+def _gradient_targets(inputs, needs_grad, plan):
+    """Per slot the kernel's target, None where no kernel writes that gradient."""
+    return tuple(_target(tensor, slot, plan) if need and plan.runs(slot) else None
+                 for slot, (tensor, need) in enumerate(zip(inputs, needs_grad)))
+
+
+def _gradient(tensor, target, need, slot, plan, x):
+    """Slot's gradient output from what the kernel wrote."""
+    if not need:
+        return x.new_empty(0)
+    if target is None:  # a sum over no elements
+        return torch.zeros_like(tensor)
+    dims = plan.partial_dims(slot)
+    return target.sum(dims).view(tensor.shape).to(tensor.dtype) if dims else target
+
+
+def _partials(plan, batch, latent_size, device):
+    """(nll_partial, kl_partial, kl_term_partial, kl_columns); the last two for free bits."""
     def scratch(*shape):
-        return torch.empty(shape, dtype=acc_dtype, device=device)
+        return torch.empty(shape, dtype=plan.acc, device=device)
 
-    # x_logvar's gradient goes straight to its output when it has a row per datapoint and an
-    # element per event dim; otherwise per-group / per-tile partials are summed afterwards.
-    lv_per_sample = lv_per_row = lv_per_event = True
-    lv_strides = (0, 0)
-    lv_target = None
-    lv_reduced = False
-    if x_logvar is not None:
-        lv_samples, lv_rows, lv_events = x_logvar.shape
-        lv_per_sample = lv_samples == n_samples
-        lv_per_row = lv_rows == batch
-        lv_per_event = lv_events == event_size
-        lv_strides = (lv_rows * lv_events if lv_per_sample else 0,
-                      lv_events if lv_per_row else 0)
-        lv_reduced = need[2] and not (lv_per_row and lv_per_event)
-        if need[2]:
-            if not lv_reduced:
-                lv_target = grads[2].view(1, 1, *x_logvar.shape)
-            else:
-                lv_target = scratch(1 if lv_per_row else groups, 1 if lv_per_event else event_tiles,
-                                    *x_logvar.shape)
-    glv_strides = (0, 0, 0, 0) if lv_target is None else (
-        lv_target.stride(0), 0 if lv_per_event else lv_target.stride(1), lv_target.stride(2),
-        lv_target.stride(3))
+    free_bits = plan.free_bits
+    return (scratch(plan.event_tiles, batch), scratch(plan.latent_tiles, batch),
+            scratch(plan.latent_tiles, batch) if free_bits else None,
+            scratch(plan.groups, latent_size) if free_bits else None)
 
-    has_prior = prior_mu is not None
-    prior_per_row = has_prior and prior_mu.shape[0] == batch
-    prior_targets = [None, None]
-    for slot, index in enumerate((5, 6)):
-        if need[index]:
-            prior_targets[slot] = grads[index] if prior_per_row else scratch(groups, latent_size)
 
-    nll_partial = scratch(event_tiles, batch)
-    kl_partial = scratch(latent_tiles, batch)
-    kl_term_partial = scratch(latent_tiles, batch) if free_bits_on else None
-    kl_columns = None
-    if tiles:
-        if free_bits_on:
-            kl_columns = scratch(groups, latent_size)
-            _kl_column_kernel[(groups, latent_tiles)](
-                kl_columns, mu, logvar, prior_mu, prior_logvar, batch, latent_size,
-                HAS_PRIOR=has_prior, PRIOR_PER_ROW=prior_per_row, ACC=acc, ROWS_L=rows_l,
-                BLOCK_L=block_l)
-        _elbo_kernel[(groups, tiles)](
-            x, x_hat, x_logvar, mu, logvar, prior_mu, prior_logvar, beta, grad_scale, kl_columns,
-            grads[0] if need[0] else None, grads[1] if need[1] else None, lv_target,
-            grads[3] if need[3] else None, grads[4] if need[4] else None, *prior_targets,
-            nll_partial, kl_partial, kl_term_partial,
-            batch, event_size, n_samples, latent_size, event_tiles,
-            float(x_logvar_const), float(free_bits),
-            1.0 / batch if reduction == "mean" else 1.0,
-            *lv_strides, *glv_strides,
-            BERNOULLI=bool(bernoulli), HAS_X_LOGVAR=x_logvar is not None,
-            LV_PER_SAMPLE=lv_per_sample, LV_PER_ROW=lv_per_row, LV_PER_EVENT=lv_per_event,
-            HAS_PRIOR=has_prior, PRIOR_PER_ROW=prior_per_row, FREE_BITS=free_bits_on,
-            HAS_GRAD_SCALE=grad_scale is not None, NEED_X=need[0], NEED_X_HAT=need[1],
-            NEED_X_LOGVAR=need[2], NEED_MU=need[3], NEED_LOGVAR=need[4],
-            NEED_PRIOR_MU=need[5], NEED_PRIOR_LOGVAR=need[6],
-            ACC=acc, BLOCK_S=block_s, BLOCK_D=block_d, ROWS_L=rows_l, BLOCK_L=block_l)
-    # Gradients nothing was launched for are sums over no elements.
-    for index in (0, 1, 2):
-        if need[index] and not event_tiles:
-            grads[index] = torch.zeros_like(inputs[index])
-    for index in (3, 4, 5, 6):
-        if need[index] and not latent_tiles:
-            grads[index] = torch.zeros_like(inputs[index])
-    if lv_reduced and event_tiles:
-        grads[2] = lv_target.sum((0, 1)).to(x_logvar.dtype)
-    for slot, index in enumerate((5, 6)):
-        if need[index] and latent_tiles and not prior_per_row:
-            grads[index] = prior_targets[slot].sum(0, keepdim=True).to(inputs[index].dtype)
+def _launch_tiles(plan, inputs, targets, partials, beta, grad_scale, sizes, likelihood,
+                  theta_const, free_bits, uniform_weight):
+    grid = (plan.groups, plan.event_tiles + plan.latent_tiles)
+    if plan.free_bits:
+        launch(_kl_column_kernel, (plan.groups, plan.latent_tiles), plan.latent, inputs,
+               partials[3], sizes, PRIOR_PER_ROW=plan.prior_per_row, ACC=plan.acc_type)
+    launch(_elbo_kernel, grid, plan.main, inputs, targets, partials, beta, grad_scale, sizes,
+           float(theta_const), float(free_bits), uniform_weight, LIKELIHOOD=int(likelihood),
+           THETA_FULL=plan.theta_full, PRIOR_PER_ROW=plan.prior_per_row, ACC=plan.acc_type)
 
-    rows = [torch.empty(batch, dtype=acc_dtype, device=device) for _ in range(4)]
-    loss_rows, nll, kl, kl_term = rows
+
+def _rows(plan, partials, beta, batch, n_samples, device):
+    """(loss, nll, kl, kl_term) per datapoint, from the per-tile partials."""
+    rows = tuple(torch.empty(batch, dtype=plan.acc, device=device) for _ in range(4))
     if batch:
-        _elbo_rows_kernel[(_cdiv(batch, _ROWS_BLOCK),)](
-            loss_rows, nll, kl, kl_term, nll_partial, kl_partial, kl_term_partial, beta, batch,
-            n_samples, event_tiles, latent_tiles, FREE_BITS=free_bits_on, ACC=acc,
-            BLOCK=_ROWS_BLOCK)
-    loss = reduce_rows(loss_rows, reduction)
-    return loss, nll, kl, kl_term, tuple(grads)
+        launch(_elbo_rows_kernel, (-(-batch // _ROWS_BLOCK),), _ROWS_CONFIG, rows, partials,
+               beta, batch, n_samples, plan.event_tiles, plan.latent_tiles, ACC=plan.acc_type)
+    return rows
+
+
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+         likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
+    """The fused loss; arguments, shapes and outputs as the reference backend's ``elbo``."""
+    inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
+    n_samples, batch, event_size = x_hat.shape
+    sizes = (batch, n_samples, event_size, mu.shape[1])
+    plan = _plan(n_samples, batch, event_size, mu.shape[1],
+                 None if x_log_scale is None else tuple(x_log_scale.shape),
+                 None if prior_mu is None else prior_mu.shape[0], free_bits > 0,
+                 accumulation_dtype(x, x_hat, x_log_scale, mu), resident_programs(x.device))
+    needs_grad = [bool(need) for need in needs_grad]
+    targets = _gradient_targets(inputs, needs_grad, plan)
+    partials = _partials(plan, batch, mu.shape[1], x.device)
+    if plan.groups and (plan.event_tiles or plan.latent_tiles):
+        uniform_weight = 1.0 / batch if reduction == Reduction.MEAN else 1.0
+        _launch_tiles(plan, inputs, targets, partials, beta, grad_scale, sizes, likelihood,
+                      x_log_scale_const, free_bits, uniform_weight)
+    loss_rows, nll, kl, kl_term = _rows(plan, partials, beta, batch, n_samples, x.device)
+    grads = [_gradient(tensor, target, need, slot, plan, x)
+             for slot, (tensor, target, need) in enumerate(zip(inputs, targets, needs_grad))]
+    return (reduce_rows(loss_rows, reduction), nll, kl, kl_term, *grads)

@@ -1,4 +1,4 @@
-"""Reparameterised sampling z = μ + exp(½·lv)·ε, ε generated in the kernel (DESIGN.md §3).
+"""Reparameterised sampling z = μ + exp(½·lv)·ε, ε generated in the kernel (docs/design.md §3).
 
 Element ``i = s*K + k`` of the ``N = S*K`` samples uses output ``j = i // Q`` of
 ``tl.randn4x(seed, i - j*Q)``, ``Q = ceil(N / 4)``. The forward pass runs one Philox call per
@@ -11,12 +11,26 @@ import triton
 import triton.language as tl
 
 from ._convert import narrow, widen
-from ._launch import accumulation_type, tuning_configs
+from ._launch import LaunchConfig, accumulation_type, block_for, launch, tunable
+
+# Blocks per program: Philox offsets (each gives four normals) forward, latent elements
+# backward. Heuristic: about two waves of programs, longer blocks only for larger problems.
+_FORWARD_BLOCKS = (128, 1024)
+_BACKWARD_BLOCKS = (128, 512)
 
 
-def _block_configs(blocks):
-    return tuning_configs([triton.Config({"BLOCK": b}, num_warps=w)
-                           for b in blocks for w in (4, 8)], BLOCK=max(blocks))
+def _candidates(smallest, largest):
+    """Autotune candidates (``FASTVAE_AUTOTUNE=1``): each power-of-two block from 256, 4 or 8
+    warps."""
+    blocks = [b for b in (256, 512, 1024) if smallest <= b <= largest]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b in blocks for w in (4, 8)]
+
+
+def _config(work, blocks):
+    """BLOCK from the work size; 8 warps from 1024 items per program (each thread keeps
+    several independent Philox chains in flight), else 4."""
+    block = block_for(work, *blocks)
+    return LaunchConfig(dict(BLOCK=block), num_warps=8 if block >= 1024 else 4)
 
 
 @triton.jit
@@ -30,7 +44,7 @@ def _store_quarter(z_ptr, mu_ptr, logvar_ptr, eps, element, in_quarter, latent_s
     tl.store(z_ptr + element, narrow(z, z_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=_block_configs((256, 512, 1024)), key=["num_elements"])
+@tunable(key=["num_elements"], candidates=_candidates(*_FORWARD_BLOCKS))
 @triton.jit
 def _reparameterize_forward_kernel(z_ptr, mu_ptr, logvar_ptr, seed_ptr, latent_size,
                                    num_elements, quarter, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -66,7 +80,7 @@ def stream_normal(seed, element, quarter):
     return tl.where(which % 2 == 0, normal_cos, normal_sin)
 
 
-@triton.autotune(configs=_block_configs((128, 256, 512)), key=["latent_size", "n_samples"])
+@tunable(key=["latent_size", "n_samples"], candidates=_candidates(*_BACKWARD_BLOCKS))
 @triton.jit
 def _reparameterize_backward_kernel(grad_mu_ptr, grad_logvar_ptr, grad_z_ptr, logvar_ptr,
                                     seed_ptr, latent_size, n_samples, quarter,
@@ -98,7 +112,7 @@ def _quarter(num_elements: int) -> int:
 
 def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                            n_samples: int) -> torch.Tensor:
-    """``z`` of ``[n_samples * K]``; the contract of ``fastvae.reference``."""
+    """``z`` of ``[n_samples * K]``; the contract of the reference backend."""
     latent_size = mu.numel()
     num_elements = n_samples * latent_size
     z = torch.empty(num_elements, dtype=mu.dtype, device=mu.device)
@@ -109,8 +123,8 @@ def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.T
     def grid(meta):
         return (triton.cdiv(quarter, meta["BLOCK"]),)
 
-    _reparameterize_forward_kernel[grid](z, mu, logvar, seed, latent_size, num_elements,
-                                         quarter, ACC=accumulation_type(mu))
+    launch(_reparameterize_forward_kernel, grid, _config(quarter, _FORWARD_BLOCKS), z, mu,
+           logvar, seed, latent_size, num_elements, quarter, ACC=accumulation_type(mu))
     return z
 
 
@@ -129,8 +143,8 @@ def reparameterize_backward(grad_z: torch.Tensor, logvar: torch.Tensor, seed: to
     def grid(meta):
         return (triton.cdiv(latent_size, meta["BLOCK"]),)
 
-    _reparameterize_backward_kernel[grid](
-        grad_mu, grad_logvar, grad_z, logvar, seed, latent_size, n_samples,
-        _quarter(n_samples * latent_size), NEED_MU=need_mu, NEED_LOGVAR=need_logvar,
-        ACC=accumulation_type(logvar))
+    launch(_reparameterize_backward_kernel, grid, _config(latent_size, _BACKWARD_BLOCKS),
+           grad_mu, grad_logvar, grad_z, logvar, seed, latent_size, n_samples,
+           _quarter(n_samples * latent_size), NEED_MU=need_mu, NEED_LOGVAR=need_logvar,
+           ACC=accumulation_type(logvar))
     return grad_mu, grad_logvar

@@ -40,16 +40,14 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(
                                                                     need_mu, need_logvar);
 }
 
-fastvae::ElboOutputs elbo(const at::Tensor& x, const at::Tensor& x_hat,
-                          const std::optional<at::Tensor>& x_logvar, double x_logvar_const,
-                          const at::Tensor& mu, const at::Tensor& logvar,
-                          const std::optional<at::Tensor>& prior_mu,
-                          const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
-                          double free_bits, bool bernoulli, std::string_view reduction,
-                          const std::optional<at::Tensor>& grad_scale, std::array<bool, 7> needs_grad) {
-  const auto kernel = use_avx512() ? &fastvae::AVX512::elbo_cpu : &fastvae::AVX2::elbo_cpu;
-  return kernel(x, x_hat, x_logvar, x_logvar_const, mu, logvar, prior_mu, prior_logvar, beta,
-                free_bits, bernoulli, reduction, grad_scale, needs_grad);
+fastvae::ElboOutputs elbo(const fastvae::ElboArgs& args) {
+  return use_avx512() ? fastvae::AVX512::elbo_cpu(args) : fastvae::AVX2::elbo_cpu(args);
+}
+
+void scale_(at::TensorList grads, const at::Tensor& upstream,
+            const std::optional<at::Tensor>& previous) {
+  return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream, previous)
+                      : fastvae::AVX2::scale_cpu(grads, upstream, previous);
 }
 
 }  // namespace
@@ -57,5 +55,6 @@ fastvae::ElboOutputs elbo(const at::Tensor& x, const at::Tensor& x_hat,
 TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("reparameterize", &reparameterize);
   m.impl("reparameterize_backward", &reparameterize_backward);
-  m.impl("elbo", &elbo);
+  m.impl("elbo", &fastvae::elbo_op<&elbo>);
+  m.impl("scale_", &scale_);
 }

@@ -81,86 +81,114 @@ void scale_by_half_sigma(int64_t n, const acc_t* logvar, acc_t* product_sum) {
 // With one sample each noise piece gives its gradients directly. With more, the products g·ε
 // are formed per noise block, then summed over s in order per k, so the result does not
 // depend on how the blocks were spread over threads.
+// The untyped views sample_backward's parts work on; grad_mu / grad_logvar null when not wanted.
+struct BackwardProblem {
+  const void* grad;
+  c10::ScalarType grad_type;
+  const void* logvar;
+  c10::ScalarType type;  // logvar's, and the gradients'
+  void* grad_mu;
+  void* grad_logvar;
+  int64_t samples, latent, numel;
+  uint64_t seed;
+};
+
+// One sample, grad_logvar not wanted: grad_mu is grad_z itself, and no noise is needed.
 template <typename acc_t>
-void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_t seed,
-                     int64_t samples, at::Tensor& grad_mu, at::Tensor& grad_logvar) {
-  const int64_t latent = logvar.numel();
-  const int64_t numel = grad_z.numel();
-  const c10::ScalarType grad_type = grad_z.scalar_type();
-  const c10::ScalarType type = logvar.scalar_type();
-  const void* grad_data = grad_z.const_data_ptr();
-  const void* logvar_data = logvar.const_data_ptr();
-  const bool need_mu = grad_mu.defined(), need_logvar = grad_logvar.defined();
-
-  if (samples == 1) {
-    if (!need_logvar) {  // grad_mu is grad_z itself: no noise needed
-      if (!need_mu) return;
-      at::parallel_for(0, latent, kTile, [&](int64_t begin, int64_t end) {
-        alignas(64) acc_t grad_buffer[kTile];
-        for (int64_t k0 = begin; k0 < end; k0 += kTile) {
-          const int64_t n = std::min(kTile, end - k0);
-          store_tile(load_tile(advance(grad_data, grad_type, k0), grad_type, n, grad_buffer), n,
-                     advance(grad_mu.mutable_data_ptr(), type, k0), type);
-        }
-      });
-      return;
+void copy_grad_mu(const BackwardProblem& p) {
+  at::parallel_for(0, p.latent, kTile, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t grad_buffer[kTile];
+    for (int64_t k0 = begin; k0 < end; k0 += kTile) {
+      const int64_t n = std::min(kTile, end - k0);
+      store_tile(load_tile(advance(p.grad, p.grad_type, k0), p.grad_type, n, grad_buffer), n,
+                 advance(p.grad_mu, p.type, k0), p.type);
     }
-    parallel_noise(seed, numel, latent, [&](int64_t k, const float* noise, int64_t n) {
-      alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
-      alignas(64) acc_t logvar_buffer[kNoiseBlock], product[kNoiseBlock];
-      const acc_t* grad = load_tile(advance(grad_data, grad_type, k), grad_type, n, grad_buffer);
-      if (need_mu) store_tile(grad, n, advance(grad_mu.mutable_data_ptr(), type, k), type);
-      const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
-      vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
-        using T = typename decltype(width)::type;
-        store_as(load_as<T>(grad + e) * load_as<T>(eps + e), product + e);
-      });
-      scale_by_half_sigma(n, load_tile(advance(logvar_data, type, k), type, n, logvar_buffer), product);
-      store_tile(product, n, advance(grad_logvar.mutable_data_ptr(), type, k), type);
-    });
-    return;
-  }
+  });
+}
 
-  at::Tensor products;
-  if (need_logvar) {
-    products = at::empty({numel}, grad_z.options().dtype(scalar_type_of<acc_t>()));
-    acc_t* product_data = products.mutable_data_ptr<acc_t>();
-    parallel_noise(seed, numel, latent, [&](int64_t i, const float* noise, int64_t n) {
-      alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
-      const acc_t* grad = load_tile(advance(grad_data, grad_type, i), grad_type, n, grad_buffer);
-      const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
-      vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
-        using T = typename decltype(width)::type;
-        store_as(load_as<T>(grad + e) * load_as<T>(eps + e), product_data + i + e);
-      });
-    });
-  }
+// products[i] = g[i]·ε[i] for the n elements from `i` (noise as parallel_noise hands it out).
+template <typename acc_t>
+const acc_t* noise_products(const BackwardProblem& p, int64_t i, const float* noise, int64_t n,
+                            acc_t* grad_buffer, acc_t* eps_buffer, acc_t* products) {
+  const acc_t* grad = load_tile(advance(p.grad, p.grad_type, i), p.grad_type, n, grad_buffer);
+  const acc_t* eps = load_tile(noise, at::kFloat, n, eps_buffer);
+  vectorized_for<acc_t>(n, [&](int64_t e, auto width) {
+    using T = typename decltype(width)::type;
+    store_as(load_as<T>(grad + e) * load_as<T>(eps + e), products + e);
+  });
+  return grad;
+}
 
-  const acc_t* product_data = need_logvar ? products.const_data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, latent, kTile, [&](int64_t begin, int64_t end) {
+// One sample: each noise piece gives its gradients directly.
+template <typename acc_t>
+void single_sample_backward(const BackwardProblem& p) {
+  parallel_noise(p.seed, p.numel, p.latent, [&](int64_t k, const float* noise, int64_t n) {
+    alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
+    alignas(64) acc_t logvar_buffer[kNoiseBlock], product[kNoiseBlock];
+    const acc_t* grad = noise_products(p, k, noise, n, grad_buffer, eps_buffer, product);
+    if (p.grad_mu) store_tile(grad, n, advance(p.grad_mu, p.type, k), p.type);
+    scale_by_half_sigma(n, load_tile(advance(p.logvar, p.type, k), p.type, n, logvar_buffer), product);
+    store_tile(product, n, advance(p.grad_logvar, p.type, k), p.type);
+  });
+}
+
+// Several samples: Σ_s over [samples, latent] per k, in sample order, of grad_z (into grad_mu)
+// and of the products g·ε (into grad_logvar, then scaled by ½·exp(½·logvar)).
+template <typename acc_t>
+void sum_over_samples(const BackwardProblem& p, const acc_t* products) {
+  at::parallel_for(0, p.latent, kTile, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t mu_sum[kTile], product_sum[kTile], grad_buffer[kTile], logvar_buffer[kTile];
     for (int64_t k0 = begin; k0 < end; k0 += kTile) {
       const int64_t n = std::min(kTile, end - k0);
       std::fill(mu_sum, mu_sum + n, acc_t(0));
       std::fill(product_sum, product_sum + n, acc_t(0));
-      for (int64_t s = 0; s < samples; ++s) {
-        const int64_t row = s * latent + k0;
-        if (need_mu) {
-          const acc_t* grad = load_tile(advance(grad_data, grad_type, row), grad_type, n, grad_buffer);
+      for (int64_t s = 0; s < p.samples; ++s) {
+        const int64_t row = s * p.latent + k0;
+        if (p.grad_mu) {
+          const acc_t* grad = load_tile(advance(p.grad, p.grad_type, row), p.grad_type, n, grad_buffer);
           for (int64_t e = 0; e < n; ++e) mu_sum[e] += grad[e];
         }
-        if (need_logvar) {
-          for (int64_t e = 0; e < n; ++e) product_sum[e] += product_data[row + e];
+        if (products) {
+          for (int64_t e = 0; e < n; ++e) product_sum[e] += products[row + e];
         }
       }
-      if (need_mu) store_tile(mu_sum, n, advance(grad_mu.mutable_data_ptr(), type, k0), type);
-      if (need_logvar) {
-        scale_by_half_sigma(n, load_tile(advance(logvar_data, type, k0), type, n, logvar_buffer),
+      if (p.grad_mu) store_tile(mu_sum, n, advance(p.grad_mu, p.type, k0), p.type);
+      if (products) {
+        scale_by_half_sigma(n, load_tile(advance(p.logvar, p.type, k0), p.type, n, logvar_buffer),
                             product_sum);
-        store_tile(product_sum, n, advance(grad_logvar.mutable_data_ptr(), type, k0), type);
+        store_tile(product_sum, n, advance(p.grad_logvar, p.type, k0), p.type);
       }
     }
   });
+}
+
+// grad_mu[k] = Σ_s g[s,k];  grad_logvar[k] = ½·exp(½·logvar[k])·Σ_s g[s,k]·ε[s,k].
+// With one sample each noise piece gives its gradients directly. With more, the products g·ε
+// are formed per noise block, then summed over s in order per k, so the result does not
+// depend on how the blocks were spread over threads.
+template <typename acc_t>
+void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_t seed,
+                     int64_t samples, at::Tensor& grad_mu, at::Tensor& grad_logvar) {
+  const BackwardProblem p{grad_z.const_data_ptr(), grad_z.scalar_type(), logvar.const_data_ptr(),
+                          logvar.scalar_type(),
+                          grad_mu.defined() ? grad_mu.mutable_data_ptr() : nullptr,
+                          grad_logvar.defined() ? grad_logvar.mutable_data_ptr() : nullptr,
+                          samples, logvar.numel(), grad_z.numel(), seed};
+  if (samples == 1 && !p.grad_logvar) {
+    if (p.grad_mu) copy_grad_mu<acc_t>(p);
+  } else if (samples == 1) {
+    single_sample_backward<acc_t>(p);
+  } else if (!p.grad_logvar) {
+    sum_over_samples<acc_t>(p, nullptr);
+  } else {
+    at::Tensor products = at::empty({p.numel}, grad_z.options().dtype(scalar_type_of<acc_t>()));
+    acc_t* product_data = products.mutable_data_ptr<acc_t>();
+    parallel_noise(seed, p.numel, p.latent, [&](int64_t i, const float* noise, int64_t n) {
+      alignas(64) acc_t grad_buffer[kNoiseBlock], eps_buffer[kNoiseBlock];
+      noise_products(p, i, noise, n, grad_buffer, eps_buffer, product_data + i);
+    });
+    sum_over_samples<acc_t>(p, products.const_data_ptr<acc_t>());
+  }
 }
 
 }  // namespace

@@ -20,6 +20,8 @@ struct VectorizedMathOps {
   static V sin(const V& x) { return x.sin(); }
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // gt/lt give 1 or 0 per lane, so this is -1, 0 or +1 as the scalar version.
+  static V sign(const V& x) { return x.gt(V(S(0))) - x.lt(V(S(0))); }
 };
 
 template <>

@@ -14,6 +14,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 namespace fastvae {
 namespace cuda {
@@ -67,6 +69,95 @@ __device__ __forceinline__ void store(const Buffer& buffer, int64_t index, acc_t
       break;
     default: static_cast<float*>(buffer.data)[index] = static_cast<float>(value); break;
   }
+}
+
+// 16-byte vector access: kVec consecutive elements from `index` (a multiple of kVec, the data
+// 16-byte aligned), converted to or from acc_t like load and store. Fewer, wider loads keep
+// more bytes in flight per thread, which a bandwidth-bound kernel needs.
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t widen(T value) {
+  if constexpr (sizeof(T) == 2) {
+    return static_cast<acc_t>(static_cast<float>(value));
+  } else {
+    return static_cast<acc_t>(value);
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ T narrow(acc_t value) {
+  if constexpr (sizeof(T) == 2) {
+    return T(static_cast<float>(value));
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
+template <typename T, int kVec, typename acc_t>
+__device__ __forceinline__ void load_packed(const void* data, int64_t index, acc_t (&out)[kVec]) {
+  static_assert(kVec * sizeof(T) % 16 == 0, "whole 16-byte words only");
+  constexpr int kPerWord = 16 / sizeof(T);
+  const uint4* words = reinterpret_cast<const uint4*>(static_cast<const T*>(data) + index);
+#pragma unroll
+  for (int w = 0; w < kVec / kPerWord; ++w) {
+    const uint4 bits = words[w];
+    T values[kPerWord];
+    memcpy(values, &bits, sizeof(bits));
+#pragma unroll
+    for (int e = 0; e < kPerWord; ++e) out[w * kPerWord + e] = widen<acc_t>(values[e]);
+  }
+}
+
+template <typename T, int kVec, typename acc_t>
+__device__ __forceinline__ void store_packed(void* data, int64_t index, const acc_t (&in)[kVec]) {
+  static_assert(kVec * sizeof(T) % 16 == 0, "whole 16-byte words only");
+  constexpr int kPerWord = 16 / sizeof(T);
+  uint4* words = reinterpret_cast<uint4*>(static_cast<T*>(data) + index);
+#pragma unroll
+  for (int w = 0; w < kVec / kPerWord; ++w) {
+    T values[kPerWord];
+#pragma unroll
+    for (int e = 0; e < kPerWord; ++e) values[e] = narrow<T>(in[w * kPerWord + e]);
+    uint4 bits;
+    memcpy(&bits, values, sizeof(bits));
+    words[w] = bits;
+  }
+}
+
+// kVec = 1 is the plain element access, for rows that are not aligned.
+template <int kVec, typename acc_t>
+__device__ __forceinline__ void load_vector(const Buffer& buffer, int64_t index, acc_t (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = load<acc_t>(buffer, index);
+  } else {
+    switch (buffer.type) {
+      case DType::Double: return load_packed<double>(buffer.data, index, out);
+      case DType::Half: return load_packed<c10::Half>(buffer.data, index, out);
+      case DType::BFloat16: return load_packed<c10::BFloat16>(buffer.data, index, out);
+      default: return load_packed<float>(buffer.data, index, out);
+    }
+  }
+}
+
+template <int kVec, typename acc_t>
+__device__ __forceinline__ void store_vector(const Buffer& buffer, int64_t index, const acc_t (&in)[kVec]) {
+  if constexpr (kVec == 1) {
+    store(buffer, index, in[0]);
+  } else {
+    switch (buffer.type) {
+      case DType::Double: return store_packed<double>(buffer.data, index, in);
+      case DType::Half: return store_packed<c10::Half>(buffer.data, index, in);
+      case DType::BFloat16: return store_packed<c10::BFloat16>(buffer.data, index, in);
+      default: return store_packed<float>(buffer.data, index, in);
+    }
+  }
+}
+
+// Elements per thread on the vector paths: one 16-byte word of a 16-bit dtype, two of float32.
+constexpr int kVec = 8;
+
+// Whether a buffer (null counts as yes) can take the vector paths' 16-byte accesses.
+inline bool aligned_16(const Buffer& buffer) {
+  return reinterpret_cast<uintptr_t>(buffer.data) % 16 == 0;
 }
 
 inline unsigned int blocks_for(int64_t work, int64_t per_block = kThreads) {

@@ -18,7 +18,7 @@ __device__ __forceinline__ void normals_at(const int64_t* seed, int64_t call, fl
   box_muller(philox_uniform(words[2]), philox_uniform(words[3]), normals[2], normals[3]);
 }
 
-// The stream of DESIGN.md §3 over `numel` elements: each thread's Philox call `call` yields the
+// The stream of docs/design.md §3 over `numel` elements: each thread's Philox call `call` yields the
 // normals of elements j * quarter + call (j = 0..3), passed to `visit(i, eps)` in stream order.
 template <typename Visit>
 __device__ __forceinline__ void for_each_normal(const int64_t* seed, int64_t numel, Visit visit) {

@@ -2,8 +2,9 @@
 
 'auto' sends CUDA tensors to Triton (else the CUDA build of the native extension) and CPU
 tensors to the native C++ extension, falling back to the reference with a one-time warning
-that says why. The choice is resolved in Python before an op is called and passed to it as a
-string, so ``torch.compile`` sees a constant.
+that says why. A backend module is imported on first use (Triton's import is slow), and the
+answer is cached per (selection, device type): a call pays one dict lookup. The name is passed
+to the ops as a string, so ``torch.compile`` sees a constant.
 """
 import contextlib
 import importlib
@@ -13,13 +14,14 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "native", "reference")
-_MODULES = {"reference": "fastvae.reference", "native": "fastvae._native", "triton": "fastvae._triton"}
+_MODULES = {"reference": "fastvae.backends.reference", "native": "fastvae.backends.native",
+            "triton": "fastvae.backends.triton"}
 
 # Read at import, validated on use: an unknown name in FASTVAE_BACKEND fails the first call.
-# (Set eagerly so torch.compile never traces a first-use initialisation.)
 _selected = os.environ.get("FASTVAE_BACKEND", "auto")
 _load_errors = {}
 _warned = set()
+_resolved = {}  # (selection, device type) -> (name, module)
 
 
 def _check_name(name):
@@ -46,9 +48,16 @@ def _loads(name):
     return _load_errors[name] is None
 
 
-def available_backends():
-    """Names of the backends that can run here, e.g. ``['native', 'reference', 'triton']``."""
-    return sorted(name for name in _MODULES if _loads(name))
+def _device_types_here():
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def available_backends(device=None):
+    """Names of the backends that can run on ``device`` (a device or its type; None: on any
+    device this machine has), e.g. ``['native', 'reference']`` on a CPU-only machine."""
+    types = (torch.device(device).type,) if device is not None else _device_types_here()
+    return sorted(name for name in _MODULES
+                  if _loads(name) and any(t in module(name).DEVICE_TYPES for t in types))
 
 
 def get_backend():
@@ -73,34 +82,45 @@ def use_backend(name):
         set_backend(previous)
 
 
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _runs_on(name, device_type):
-    return _loads(name) and device_type in module(name).DEVICE_TYPES
+def implementation(device):
+    """``(name, module)`` of the backend that runs tensors on ``device`` under the selection."""
+    key = (_selected, device.type)
+    found = _resolved.get(key)
+    if found is None:
+        name = resolve_name(*key)
+        found = _resolved[key] = (name, module(name))
+    return found
 
 
 def resolve(device):
     """The concrete backend name for tensors on ``device`` under the current selection."""
-    return _resolve(get_backend(), device.type)
+    return implementation(device)[0]
 
 
-@torch.compiler.assume_constant_result
-def _resolve(name, device_type):
-    if name != "auto":
-        if not _loads(name):
-            raise RuntimeError(f"fastvae backend {name!r} is not available: {_load_errors[name]}")
-        if device_type not in module(name).DEVICE_TYPES:
+def resolve_name(selection, device_type):
+    """The concrete backend for a selection and device type (uncached)."""
+    return _chosen(_check_name(selection), device_type)
+
+
+# torch.compile calls resolve_name at trace time and keeps its answer as a constant (what
+# torch.compiler.assume_constant_result marks; set directly, because that function imports
+# torch._dynamo, which would double the cost of `import fastvae`).
+resolve_name._dynamo_marked_constant = True
+
+
+def _chosen(selection, device_type):
+    if selection != "auto":
+        if not _loads(selection):
+            raise RuntimeError(f"fastvae backend {selection!r} is not available: "
+                               f"{_load_errors[selection]}")
+        if device_type not in module(selection).DEVICE_TYPES:
             hint = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU)" \
-                if name == "triton" else ""
-            raise ValueError(f"backend {name!r} does not run on {device_type} tensors{hint}")
-        return name
+                if selection == "triton" else ""
+            raise ValueError(f"backend {selection!r} does not run on {device_type} tensors{hint}")
+        return selection
     candidates = ("triton", "native") if device_type == "cuda" else ("native",)
     for candidate in candidates:
-        if _runs_on(candidate, device_type):
+        if _loads(candidate) and device_type in module(candidate).DEVICE_TYPES:
             return candidate
     reasons = "; ".join(f"{c}: {_load_errors[c] or 'not built for ' + device_type}"
                         for c in candidates)
@@ -108,3 +128,9 @@ def _resolve(name, device_type):
                "using the slow plain-PyTorch reference. Build the native extension with "
                "`pip install --no-build-isolation -e .`.")
     return "reference"
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)

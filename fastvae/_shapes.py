@@ -1,0 +1,32 @@
+"""Output shapes of the ops (their fake implementations, for torch.compile and opcheck).
+
+Each serves both the ``fastvae::*`` op and the native ``fastvae_native::*`` op of the same
+name; the native schemas lack the trailing ``backend`` argument, hence the variadic tails.
+"""
+from ._common import Reduction, accumulation_dtype
+
+
+def reparameterize(mu, logvar, seed, n_samples, *backend):
+    return mu.new_empty(n_samples * mu.numel())
+
+
+def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar, *backend):
+    return tuple(logvar.new_empty(logvar.shape if needed else (0,))
+                 for needed in (need_mu, need_logvar))
+
+
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+         likelihood, x_log_scale_const, free_bits, reduction, needs_grad, *backend):
+    """Empty outputs shaped as the loss op's: (loss, nll, kl, kl_term, *grads)."""
+    inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
+    acc = accumulation_dtype(x, x_hat, x_log_scale, mu)
+    batch = x.shape[0]
+    loss = x.new_empty(batch if reduction == Reduction.NONE else (), dtype=acc)
+    rows = tuple(x.new_empty(batch, dtype=acc) for _ in range(3))
+    grads = tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                  for t, need in zip(inputs, needs_grad))
+    return (loss,) + rows + grads
+
+
+def scale_(grads, upstream, previous):
+    """In place: no outputs."""

@@ -1,0 +1,29 @@
+"""The native backend: C++ CPU kernels (and CUDA kernels when built) in the ``fastvae._C``
+extension, registered as ``torch.ops.fastvae_native.*``. The contract of the functions is in
+``fastvae.backends.reference``; here they are the extension's ops themselves."""
+import torch
+
+from .. import _shapes
+
+try:
+    from .. import _C
+except ImportError as error:
+    raise ImportError(
+        "fastvae's native extension fastvae._C is not built or does not match the installed "
+        f"torch ({error}); build it from the source tree, with torch already installed, by "
+        "`pip install --no-build-isolation -e .`") from error
+
+DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
+
+_ops = torch.ops.fastvae_native
+reparameterize_forward = _ops.reparameterize
+reparameterize_backward = _ops.reparameterize_backward
+elbo = _ops.elbo
+scale_ = _ops.scale_
+
+# Shapes only, for torch.compile and opcheck on the native ops themselves.
+torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)
+torch.library.register_fake("fastvae_native::reparameterize_backward",
+                            _shapes.reparameterize_backward)
+torch.library.register_fake("fastvae_native::elbo", _shapes.elbo)
+torch.library.register_fake("fastvae_native::scale_", _shapes.scale_)

@@ -1,0 +1,210 @@
+"""The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
+
+Every backend module (``reference``, ``native``, ``triton``) exposes ``DEVICE_TYPES`` (the
+device types it runs on) and the same four functions with the same normalised arguments; the
+public API in ``functional.py`` does the validation, reshaping and broadcasting, so a backend
+only sees the shapes documented here.
+
+``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
+    ``mu``, ``logvar``: contiguous 1-D ``[K]``, same dtype. ``seed``: int64 0-dim tensor on
+    their device. Returns contiguous ``z`` of ``[n_samples * K]`` in their dtype, element
+    ``i = s*K + k`` being ``mu[k] + exp(½ logvar[k]) * eps[i]``, ``eps`` the noise stream of
+    docs/design.md (float32; maths in float64 for float64 inputs).
+
+``reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar)``
+    ``grad_z``: contiguous ``[n_samples * K]``. Returns ``(grad_mu, grad_logvar)``, each
+    ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is
+    regenerated.
+
+``elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+       likelihood, x_log_scale_const, free_bits, reduction, needs_grad)``
+    The first seven arguments are the differentiable inputs, in the order of
+    ``fastvae._common.INPUTS``: input i has gradient slot i.
+    Shapes: ``x [B, D]``, ``x_hat [S, B, D]`` (the decoder output: Gaussian or Laplace
+    location, Bernoulli logits); ``x_log_scale`` θ, the decoder's scale parameter in log form
+    (log σ² for the Gaussian, log b for the Laplace, unused by the Bernoulli): None (then the
+    float ``x_log_scale_const`` is θ) or ``[Sl, Bl, Dl]`` with each of Sl, Bl, Dl either 1
+    (broadcast) or S, B, D; ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both
+    None (standard normal) or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``,
+    ``x_hat`` and ``x_log_scale`` may each have their own floating dtype; the four latent
+    tensors share one dtype. ``beta``: 0-dim tensor in the loss dtype (float32; float64 when
+    any input is float64). ``grad_scale``: None, or a ``[B]`` tensor of per-datapoint weights
+    in the loss dtype. ``likelihood``: a ``Likelihood`` value. ``free_bits``: float ≥ 0.
+    ``reduction``: a ``Reduction`` value. ``needs_grad``: 7 bools, one per slot.
+
+    Returns the 11-tuple ``(loss, nll, kl, kl_term, *grads)``:
+      ``nll[b]`` = mean over samples of the NLL summed over D; ``kl[b]`` = analytic KL summed
+      over d; ``kl_term[b]`` = the KL term the loss uses (free bits applied: a latent dim whose
+      batch mean KL is below ``free_bits`` contributes the constant ``free_bits``);
+      ``loss`` = ``nll + beta * kl_term`` reduced (0-dim for MEAN/SUM, ``[B]`` for NONE).
+      These are in the loss dtype.
+      ``grads``: 7 tensors, slot i the gradient of ``sum_b w_b * loss_b`` with respect to
+      input i, in that input's dtype and shape, or an empty tensor in ``x``'s dtype where
+      ``needs_grad[i]`` is False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for MEAN
+      and 1 otherwise. A broadcast input's gradient is summed over the dims it was broadcast
+      along.
+
+``scale_(grads, upstream, previous)``
+    Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
+    ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
+    view (its rows in dim 1). ``previous``: None (the grads hold unit-upstream values) or the
+    upstream of the last scaling, shaped like ``upstream``. Each element becomes
+    ``g * upstream / previous`` (``g * upstream`` without ``previous``), computed in float32
+    (float64 for float64 grads) and rounded once. Where ``upstream == previous`` (1 without
+    ``previous``) nothing is written; kernels make that test on the device (no host sync).
+
+The per-element negative log-likelihoods, with r = x − x̂ and θ as above:
+    GAUSSIAN  ½(r²·e^−θ + θ + log 2π)
+    BERNOULLI softplus(x̂) − x·x̂
+    LAPLACE   |r|·e^−θ + θ + log 2
+"""
+import torch
+import torch.nn.functional as F
+
+from .._common import LOG_2, LOG_2PI, Likelihood, Reduction, accumulation_dtype, reduce_rows
+from .._philox import normal_stream
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _noise(seed, numel, dtype):
+    return normal_stream(seed, numel).to(dtype)
+
+
+def reparameterize_forward(mu, logvar, seed, n_samples):
+    acc = accumulation_dtype(mu)
+    eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, mu.numel())
+    sigma = torch.exp(0.5 * logvar.to(acc))
+    return (mu.to(acc) + sigma * eps).to(mu.dtype).reshape(-1)
+
+
+def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
+    acc = accumulation_dtype(logvar)
+    grad = grad_z.to(acc).view(n_samples, logvar.numel())
+    grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else logvar.new_empty(0)
+    if need_logvar:
+        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, logvar.numel())
+        half_sigma = 0.5 * torch.exp(0.5 * logvar.to(acc))
+        grad_logvar = ((grad * eps).sum(0) * half_sigma).to(logvar.dtype)
+    else:
+        grad_logvar = logvar.new_empty(0)
+    return grad_mu, grad_logvar
+
+
+def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``grad`` over the dims where ``shape`` has size 1 (undoing a broadcast)."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+# ----------------------------------------------------------------------------------------------
+# per-element likelihoods: (nll, ∂x, ∂x̂, ∂θ) over [S, B, D]; θ is None for the Bernoulli
+# ----------------------------------------------------------------------------------------------
+def _gaussian(x, x_hat, theta):
+    residual = x - x_hat
+    grad_x = residual * torch.exp(-theta)
+    scaled_square = residual * grad_x
+    return 0.5 * (scaled_square + theta + LOG_2PI), grad_x, -grad_x, 0.5 * (1.0 - scaled_square)
+
+
+def _bernoulli(x, x_hat, theta):
+    return F.softplus(x_hat) - x * x_hat, -x_hat, torch.sigmoid(x_hat) - x, None
+
+
+def _laplace(x, x_hat, theta):
+    residual = x - x_hat
+    inverse_scale = torch.exp(-theta)
+    scaled_distance = residual.abs() * inverse_scale
+    grad_x = torch.sign(residual) * inverse_scale
+    return scaled_distance + theta + LOG_2, grad_x, -grad_x, 1.0 - scaled_distance
+
+
+_LIKELIHOODS = {Likelihood.GAUSSIAN: _gaussian, Likelihood.BERNOULLI: _bernoulli,
+                Likelihood.LAPLACE: _laplace}
+
+
+def _nll_rows_and_grads(x, x_hat, theta, likelihood, weight):
+    """NLL summed over D, ``[S, B]``, and the weighted per-element gradients of (x, x_hat,
+    x_log_scale) over ``[S, B, D]`` (None for θ where the likelihood has none). The gradients
+    are fresh tensors, weighted in place: this backend is also the fallback, and every B×D
+    temporary costs a pass."""
+    nll, *grads = _LIKELIHOODS[likelihood](x, x_hat, theta)
+    return nll.sum(-1), [None if g is None else g.mul_(weight) for g in grads]
+
+
+def _kl_elements(mu, logvar, prior_mu, prior_logvar):
+    """Per-element KL and its gradients (mu, logvar, prior_mu, prior_logvar)."""
+    var = torch.exp(logvar)
+    if prior_mu is None:
+        kl = 0.5 * (mu * mu + var - 1.0 - logvar)
+        return kl, (mu, 0.5 * (var - 1.0), None, None)
+    diff = mu - prior_mu
+    inv_prior_var = torch.exp(-prior_logvar)
+    spread = (var + diff * diff) * inv_prior_var
+    kl = 0.5 * (prior_logvar - logvar + spread - 1.0)
+    d_mu = diff * inv_prior_var
+    return kl, (d_mu, 0.5 * (var * inv_prior_var - 1.0), -d_mu, 0.5 * (1.0 - spread))
+
+
+def _kl_term(kl_el, free_bits, acc):
+    """Per-row KL term with free bits, and the 0/1 mask of active dims (None without)."""
+    if free_bits <= 0:
+        return kl_el.sum(-1), None
+    active = (kl_el.mean(0) >= free_bits).to(acc)  # [d]
+    return (kl_el * active).sum(-1) + (1.0 - active).sum() * free_bits, active
+
+
+def _row_weights(grad_scale, reduction, batch, acc, device):
+    if grad_scale is not None:
+        return grad_scale.to(acc)
+    uniform = 1.0 / max(batch, 1) if reduction == Reduction.MEAN else 1.0
+    return torch.full((batch,), uniform, dtype=acc, device=device)
+
+
+def _input_grad(grad, tensor, sum_samples):
+    if sum_samples:  # x is shared by the S samples
+        grad = grad.sum(0)
+    return _sum_to(grad, tensor.shape).to(tensor.dtype).reshape(tensor.shape)
+
+
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+         likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
+    acc = accumulation_dtype(x, x_hat, x_log_scale, mu)
+    n_samples, batch, _ = x_hat.shape
+    inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
+    theta = (x_log_scale.to(acc) if x_log_scale is not None
+             else torch.full((), x_log_scale_const, dtype=acc, device=x.device))
+    weight = _row_weights(grad_scale, reduction, batch, acc, x.device)
+    nll_rows, nll_grads = _nll_rows_and_grads(x.to(acc), x_hat.to(acc), theta, likelihood,
+                                              (weight / n_samples).view(1, batch, 1))
+    nll = nll_rows.sum(0) / n_samples
+
+    kl_el, kl_grads = _kl_elements(*[t if t is None else t.to(acc)
+                                     for t in (mu, logvar, prior_mu, prior_logvar)])
+    kl_term, active = _kl_term(kl_el, free_bits, acc)
+    beta_a = beta.to(acc)
+    loss = reduce_rows(nll + beta_a * kl_term, reduction)
+    kl_weight = (beta_a * weight).view(batch, 1) * (1.0 if active is None else active)
+
+    grads = []
+    for i, tensor in enumerate(inputs):
+        if not needs_grad[i]:
+            grads.append(x.new_empty(0))
+        elif i < 3:
+            grads.append(_input_grad(nll_grads[i], tensor, sum_samples=i == 0))
+        else:
+            grads.append(_input_grad(kl_grads[i - 3] * kl_weight, tensor, sum_samples=False))
+    return (loss, nll, kl_el.sum(-1), kl_term, *grads)
+
+
+def scale_(grads, upstream, previous):
+    """In place; plain PyTorch reads the scalars on the host only for a CPU upstream."""
+    if upstream.device.type == "cpu" and upstream.dim() == 0:
+        if upstream.item() == (1.0 if previous is None else previous.item()):
+            return
+    for grad in grads:
+        acc = accumulation_dtype(grad)
+        factor = upstream.to(acc) if previous is None else upstream.to(acc) / previous.to(acc)
+        if factor.dim():
+            factor = factor.view(1, -1, 1)
+        grad.copy_(grad.to(acc) * factor)

@@ -1,0 +1,19 @@
+"""The Triton backend: the contract of the reference backend (``reference.py`` here) run by the
+kernels in ``fastvae.kernels``. Importing it fails (ImportError: backend unavailable) without
+Triton.
+
+It runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
+set before Triton is imported), which is how the tests exercise it. Launch configs come from a
+heuristic per shape class (the first call on a shape compiles, without timing runs);
+``FASTVAE_AUTOTUNE=1`` autotunes them instead (see ``fastvae.kernels._launch``).
+"""
+import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
+
+from ..kernels._launch import INTERPRETED
+from ..kernels.elbo import elbo
+from ..kernels.reparameterize import reparameterize_backward, reparameterize_forward
+from ..kernels.scale import scale_
+
+DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
+
+__all__ = ["DEVICE_TYPES", "elbo", "reparameterize_backward", "reparameterize_forward", "scale_"]
