@@ -5,8 +5,10 @@ torch must be installed first (the native extension is compiled against it), the
     pip install --no-build-isolation -e .
 
 builds ``fastvae._C`` with CMake + Ninja from CMakeLists.txt (the one build description).
-torch is deliberately not in ``install_requires``: pip could otherwise replace a CPU or
-custom build of torch with the default CUDA wheel.
+pyproject.toml declares the build system, so that any pip from 23 on takes the standard
+editable path (PEP 660) rather than the legacy ``setup.py develop``. torch is deliberately not
+in ``install_requires``: pip could otherwise replace a CPU or custom build of torch with the
+default CUDA wheel.
 """
 import os
 import subprocess
@@ -52,13 +54,14 @@ setup(
     name="fastvae-kernels",
     version="0.1.0",
     description="Fused kernels for the variational-autoencoder loss",
-    packages=["fastvae", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.backends", "fastvae.kernels"],
     package_dir={"fastvae": "fastvae", "fastvae.kernels": "kernels"},
     ext_modules=[CMakeExtension("fastvae._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "expecttest", "hypothesis"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "scikit-learn"],
+        "bench": ["matplotlib", "pytest-benchmark", "scikit-learn"],
+        "examples": ["scikit-learn"],  # examples/train_digits.py loads sklearn's bundled digits
     },
 )

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import fastvae
 
@@ -38,7 +37,7 @@ def digits_rows(epochs, device, attempts, wait_idle):
             for name in fastvae_backends(device)]
     runs.append(("distributions", None, train_digits.distributions_negative_elbo))
     rows = []
-    for name, backend, loss_fn in tqdm(runs, desc="digits training", unit="run", file=sys.stderr):
+    for name, backend, loss_fn in report.progress(runs, "digits training"):
         def train():
             model = train_digits.DigitsVAE()
             model.load_state_dict(initial_state)
@@ -108,7 +107,7 @@ def synthetic_rows(batch, pixels, hidden, latent, steps, device, attempts, wait_
              ("compiled-plain", torch.compile(plain_sample), torch.compile(plain_loss)),
              ("trivial loss (model only)", plain_sample, trivial_loss)]
     step_ms, other_cores = {}, {}
-    for name, sample, loss in tqdm(runs, desc="synthetic steps", unit="run", file=sys.stderr):
+    for name, sample, loss in report.progress(runs, "synthetic steps"):
         step_ms[name], other_cores[name] = measure.least_disturbed(
             lambda: synthetic_step_ms(sample, loss, batch, pixels, hidden, latent, steps, device),
             attempts, wait_idle)
@@ -155,13 +154,16 @@ def main(argv=None):
                             ("ms/step", "step_ms", ".2f"),
                             ("held-out -ELBO (nats)", "held_out_neg_elbo", ".3f"),
                             ("others' cores", "other_cpu_cores", ".2f")], digits)
+        report.warn_if_disturbed(digits, "digits runs")
     report.print_table(f"synthetic image VAE step, B={args.batch} D={args.pixels} hidden="
                        f"{args.hidden} d={args.latent}, median of {args.steps} steps, " + title,
                        [("loss", "implementation", "s"), ("ms/step", "step_ms", ".0f"),
                         ("steps/s", "steps_per_s", ".2f"), ("loss share", "loss_share", ".0%"),
                         ("others' cores", "other_cpu_cores", ".2f")],
                        synthetic)
-    print("loss share = 1 - (step with a trivial loss) / (step with this loss)")
+    print("loss share = 1 - (step with a trivial loss) / (step with this loss); others' cores = "
+          "CPU used by other processes meanwhile")
+    report.warn_if_disturbed(synthetic, "synthetic runs")
     path = args.out_dir / f"e2e_{report.allocator_tag()}.csv"
     report.write_csv([{**env, **row} for row in digits + synthetic], path)
     print(f"\nCSV: {path}")

@@ -3,7 +3,7 @@ loss in plain PyTorch, with torch.distributions, and plain PyTorch under torch.c
 
 Each comes as a sampler ``(mu, logvar) -> z`` and a loss ``(x, x_hat, x_logvar, sigma,
 likelihood, mu, logvar) -> −ELBO`` averaged over the batch (nats per datapoint, float32); the
-kernel benchmark runs both on the inputs of ``workloads.make_inputs`` and gets ``(loss, z)``.
+kernel benchmark runs one or both (``workload``) on the inputs of ``workloads.make_inputs``.
 """
 import math
 from dataclasses import dataclass
@@ -58,20 +58,27 @@ def fastvae_sample(backend):
     return sample
 
 
+def fastvae_elbo(x, x_hat, x_logvar, sigma, likelihood, mu, logvar):
+    """fastvae.elbo_loss with the baselines' argument order, on the current backend."""
+    return fastvae.elbo_loss(x, x_hat, mu, logvar, likelihood=likelihood, x_logvar=x_logvar,
+                             sigma=sigma)
+
+
 def fastvae_loss(backend):
-    def loss(x, x_hat, x_logvar, sigma, likelihood, mu, logvar):
+    def loss(*args):
         with fastvae.use_backend(backend):
-            return fastvae.elbo_loss(x, x_hat, mu, logvar, likelihood=likelihood,
-                                     x_logvar=x_logvar, sigma=sigma)
+            return fastvae_elbo(*args)
     return loss
 
 
-def sample_and_loss(sample, loss):
-    """The kernel workload: z and the loss from the same latents; the decoder is left out, so
-    x_hat does not depend on z."""
-    def negative_elbo(x, x_hat, x_logvar, sigma, likelihood, mu, logvar):
-        return loss(x, x_hat, x_logvar, sigma, likelihood, mu, logvar), sample(mu, logvar)
-    return negative_elbo
+def workload(sample, loss, part):
+    """``(loss, z)`` of one step of ``part`` (see workloads.PARTS): z is None for 'elbo', the
+    loss None for 'sample'. The decoder is left out, so x_hat does not depend on z."""
+    def step(x, x_hat, x_logvar, sigma, likelihood, mu, logvar):
+        value = (None if part == "sample"
+                 else loss(x, x_hat, x_logvar, sigma, likelihood, mu, logvar))
+        return value, (None if part == "elbo" else sample(mu, logvar))
+    return step
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Implementation:
     # B×D tensors alive at the peak, inputs and gradients included: a generous estimate
     # used only to skip cases that would not fit in memory.
     peak_batch_by_event_tensors: int = 16
+    capturable: bool = True  # no host sync, so a CUDA graph can capture its step
 
     def reset(self):
         """Forget compiled graphs so each case is compiled for its own static shapes, as a
@@ -95,24 +103,26 @@ class Implementation:
 
 
 def fastvae_backends(device):
-    """fastvae's backends that can run on ``device``: Triton only on CUDA (its CPU
-    interpreter is a test tool, far too slow to time)."""
-    return [name for name in fastvae.available_backends()
-            if not (name == "triton" and torch.device(device).type != "cuda")]
+    """fastvae's backends that can run on ``device``, but Triton only on CUDA: its CPU
+    interpreter is a test tool, far too slow to time."""
+    device = torch.device(device)
+    return [name for name in fastvae.available_backends(device)
+            if name != "triton" or device.type == "cuda"]
 
 
-def all_implementations(device):
+def all_implementations(device, part="both"):
+    """Every implementation of ``part`` that runs on ``device``, fastvae's backends first."""
     implementations = [Implementation(f"fastvae-{name}",
-                                      sample_and_loss(fastvae_sample(name), fastvae_loss(name)),
+                                      workload(fastvae_sample(name), fastvae_loss(name), part),
                                       peak_batch_by_event_tensors=8 if name != "reference" else 16)
                        for name in fastvae_backends(device)]
     implementations += [
-        Implementation("plain", sample_and_loss(plain_sample, plain_loss),
+        Implementation("plain", workload(plain_sample, plain_loss, part),
                        peak_batch_by_event_tensors=14),
-        Implementation("distributions", sample_and_loss(distributions_sample, distributions_loss),
-                       peak_batch_by_event_tensors=18),
-        Implementation("compiled-plain", torch.compile(sample_and_loss(plain_sample, plain_loss)),
-                       compiled=True,
-                       peak_batch_by_event_tensors=10),
+        # Argument validation reads values back to the host: no CUDA-graph capture.
+        Implementation("distributions", workload(distributions_sample, distributions_loss, part),
+                       peak_batch_by_event_tensors=18, capturable=False),
+        Implementation("compiled-plain", torch.compile(workload(plain_sample, plain_loss, part)),
+                       compiled=True, peak_batch_by_event_tensors=10),
     ]
     return implementations

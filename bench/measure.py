@@ -51,19 +51,60 @@ def copy_bandwidth_gbps(device, nbytes=512 * 2**20, reps=10):
     return 2 * nbytes / (np.median(times) * 1e-3) / 1e9
 
 
-def _forward_backward(implementation, inputs, clock):
-    """One timed forward and backward; the gradients are set to None first (outside the
-    timing) as ``optimizer.zero_grad()`` does, so every backward writes fresh gradients."""
+def backward(loss, z, grad_z):
+    """Backward from whichever of the loss (upstream 1) and z exist. The decoder is not part
+    of the workload: grad_z stands for what it would send back to z."""
+    pairs = [(tensor, grad) for tensor, grad in ((loss, None), (z, grad_z)) if tensor is not None]
+    torch.autograd.backward(*zip(*pairs))
+
+
+def clear_gradients(inputs):
+    """Set the gradients to None, as ``optimizer.zero_grad()`` does, so that every backward
+    writes fresh gradients."""
     for leaf in leaves(inputs):
         leaf.grad = None
+
+
+def _forward_backward(implementation, inputs, clock):
+    """One timed forward and backward, the gradients cleared first (outside the timing)."""
+    clear_gradients(inputs)
     start = clock.mark()
     loss, z = implementation(inputs)
     middle = clock.mark()
-    # The decoder is not part of the workload: grad_z stands for what it would send back to z.
-    torch.autograd.backward((loss, z), (torch.ones_like(loss), inputs["grad_z"]))
+    backward(loss, z, inputs["grad_z"])
     end = clock.mark()
     forward = clock.milliseconds(start, middle)
     return forward, clock.milliseconds(middle, end), clock.milliseconds(start, end)
+
+
+def graph_replay_ms(implementation, inputs, clock, reps=20):
+    """CUDA: ``(milliseconds per replay, None)`` of one forward+backward captured in a CUDA
+    graph, i.e. the device time without the host's per-call cost; ``(None, reason)`` where the
+    step cannot be captured. Warm-up runs on a side stream, as torch.cuda.graphs asks."""
+    def step():
+        backward(*implementation(inputs), inputs["grad_z"])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            clear_gradients(inputs)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    clear_gradients(inputs)  # the captured backward allocates the gradients in the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as error:
+        return None, str(error).splitlines()[0]
+    times = []
+    for _ in range(reps):
+        start = clock.mark()
+        graph.replay()
+        times.append(clock.milliseconds(start, clock.mark()))
+    clear_gradients(inputs)
+    return times, None
 
 
 def time_phases(implementation, inputs, clock, min_reps=7, min_seconds=1.0, max_reps=50):
@@ -111,8 +152,7 @@ def peak_memory_bytes(implementation, inputs, clock):
     included. CUDA: the caching allocator's peak of allocated bytes. CPU: the rise of the
     process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) after
     the allocator's free memory is handed back to the OS; None where /proc does not allow it."""
-    for leaf in leaves(inputs):
-        leaf.grad = None
+    clear_gradients(inputs)
     if clock.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -14,6 +14,8 @@ import fastvae
 from .measure import NOISY_OTHER_CORES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PART_TITLES = {"both": "reparameterize + elbo_loss", "elbo": "elbo_loss",
+               "sample": "reparameterize"}
 
 
 def allocator():
@@ -66,7 +68,7 @@ def environment(device):
         "python": platform.python_version(),
         "torch": torch.__version__,
         "fastvae": f"{fastvae.__version__}+{_git_commit()}",
-        "backends": " ".join(fastvae.available_backends()),
+        "backends": " ".join(fastvae.available_backends(device)),
     }
 
 
@@ -93,68 +95,102 @@ def print_table(title, columns, rows, file=sys.stdout):
             print("  ".join("-" * width for width in widths), file=file)
 
 
+def warn_if_disturbed(rows, what, file=sys.stdout):
+    """The warning under every table: rows measured while other processes used the CPU
+    (``other_cpu_cores`` above NOISY_OTHER_CORES) have inflated times."""
+    noisy = [row["other_cpu_cores"] for row in rows
+             if (row.get("other_cpu_cores") or 0) > NOISY_OTHER_CORES]
+    if noisy:
+        print(f"WARNING: other processes kept up to {max(noisy):.1f} cores busy during "
+              f"{len(noisy)} of {len(rows)} {what}: those times are inflated; re-run on an idle "
+              "machine (bench/README.md, Noise).", file=file)
+
+
+def progress(items, desc):
+    """Yield ``items``, counting them on stderr (the tables go to stdout)."""
+    end = "\r" if sys.stderr.isatty() else "\n"
+    for index, item in enumerate(items, 1):
+        print(f"{desc}: {index}/{len(items)}", end=end, file=sys.stderr, flush=True)
+        yield item
+    if end == "\r":
+        print(file=sys.stderr)
+
+
 def plot_batch_sweeps(rows, out_dir, tag, copy_gbps, phase="forward+backward"):
     """One PNG per series with several batch sizes: median time (20th–80th percentile bars)
     and GB/s against B, one line per implementation, the bandwidth bound dashed, points
     measured while other processes used the CPU circled in red. Returns the paths written."""
     import matplotlib
-    import matplotlib.ticker
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = []
     rows = [row for row in rows if row["phase"] == phase]
+    paths = []
     for series in sorted({row["series"] for row in rows}):
         series_rows = [row for row in rows if row["series"] == series]
-        batches = sorted({row["batch"] for row in series_rows})
-        if len(batches) < 2:
-            continue
-        figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(12, 4.8))
-        any_disturbed = False
-        for name in dict.fromkeys(row["implementation"] for row in series_rows):
-            points = sorted((row["batch"], row) for row in series_rows
-                            if row["implementation"] == name)
-            x = [batch for batch, _ in points]
-            median = [row["median_ms"] for _, row in points]
-            errors = [[row["median_ms"] - row["p20_ms"] for _, row in points],
-                      [row["p80_ms"] - row["median_ms"] for _, row in points]]
-            time_axis.errorbar(x, median, yerr=errors, marker="o", capsize=3, label=name)
-            rate_axis.plot(x, [row["gbps"] for _, row in points], marker="o", label=name)
-            disturbed = [(batch, row) for batch, row in points
-                         if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
-            for axis, key in ((time_axis, "median_ms"), (rate_axis, "gbps")) if disturbed else ():
-                axis.scatter([b for b, _ in disturbed], [row[key] for _, row in disturbed],
-                             s=120, facecolors="none", edgecolors="red", zorder=3,
-                             label=None if any_disturbed else "disturbed by other processes")
-            any_disturbed = any_disturbed or bool(disturbed)
-        bound = {row["batch"]: row["bound_ms"] for row in series_rows}
-        time_axis.plot(batches, [bound[b] for b in batches], "k--", label="bandwidth bound")
-        rate_axis.axhline(copy_gbps, color="k", linestyle="--",
-                          label=f"copy bandwidth {copy_gbps:.1f} GB/s")
-        for axis, ylabel in ((time_axis, f"{phase} time, ms (median)"),
-                             (rate_axis, "GB/s (bound bytes / median time)")):
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(batches, [str(b) for b in batches])
-            axis.set_xlabel("batch size B")
-            axis.set_ylabel(ylabel)
-            axis.grid(True, which="both", alpha=0.3)
-        time_axis.set_yscale("log")
-        rate_axis.set_yscale("log")
-        rate_axis.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-        rate_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        rate_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        time_axis.legend(fontsize=8)
-        rate_axis.legend(fontsize=8)
-        first = series_rows[0]
-        figure.suptitle(f"reparameterize + elbo_loss, {phase}: D={first['event']} "
-                        f"d={first['latent']} {first['decoder']} {first['dtype']} on "
-                        f"{first['device']} ({first['allocator']})")
-        figure.tight_layout()
-        path = out_dir / f"kernels_{tag}_{series}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        paths.append(path)
+        if len({row["batch"] for row in series_rows}) > 1:
+            path = out_dir / f"kernels_{tag}_{series}.png"
+            _plot_series(series_rows, copy_gbps, phase, path)
+            paths.append(path)
     return paths
+
+
+def _plot_series(series_rows, copy_gbps, phase, path):
+    import matplotlib.pyplot as plt
+
+    figure, (time_axis, rate_axis) = plt.subplots(1, 2, figsize=(12, 4.8))
+    any_disturbed = False
+    for name in dict.fromkeys(row["implementation"] for row in series_rows):
+        points = sorted((row["batch"], row) for row in series_rows
+                        if row["implementation"] == name)
+        any_disturbed |= _plot_implementation(time_axis, rate_axis, name, points,
+                                              label_disturbed=not any_disturbed)
+    bound = {row["batch"]: row["bound_ms"] for row in series_rows}
+    batches = sorted(bound)
+    time_axis.plot(batches, [bound[b] for b in batches], "k--", label="bandwidth bound")
+    rate_axis.axhline(copy_gbps, color="k", linestyle="--",
+                      label=f"copy bandwidth {copy_gbps:.1f} GB/s")
+    _style_axes(time_axis, rate_axis, batches, phase)
+    first = series_rows[0]
+    figure.suptitle(f"{PART_TITLES[first.get('part', 'both')]}, {phase}: D={first['event']} "
+                    f"d={first['latent']} {first['decoder']} {first['dtype']} on "
+                    f"{first['device']} ({first['allocator']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_implementation(time_axis, rate_axis, name, points, label_disturbed):
+    """One implementation's line on both axes; returns whether any point was disturbed."""
+    x = [batch for batch, _ in points]
+    median = [row["median_ms"] for _, row in points]
+    errors = [[row["median_ms"] - row["p20_ms"] for _, row in points],
+              [row["p80_ms"] - row["median_ms"] for _, row in points]]
+    time_axis.errorbar(x, median, yerr=errors, marker="o", capsize=3, label=name)
+    rate_axis.plot(x, [row["gbps"] for _, row in points], marker="o", label=name)
+    disturbed = [(batch, row) for batch, row in points
+                 if (row["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
+    for axis, key in ((time_axis, "median_ms"), (rate_axis, "gbps")) if disturbed else ():
+        axis.scatter([b for b, _ in disturbed], [row[key] for _, row in disturbed],
+                     s=120, facecolors="none", edgecolors="red", zorder=3,
+                     label="disturbed by other processes" if label_disturbed else None)
+    return bool(disturbed)
+
+
+def _style_axes(time_axis, rate_axis, batches, phase):
+    import matplotlib.ticker
+
+    for axis, ylabel in ((time_axis, f"{phase} time, ms (median)"),
+                         (rate_axis, "GB/s (bound bytes / median time)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(batches, [str(b) for b in batches])
+        axis.set_xlabel("batch size B")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    rate_axis.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    rate_axis.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    rate_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def read_csv(path):

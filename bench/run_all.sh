@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark of the README's quick start, a few minutes on a 2-core CPU machine:
 #   1. kernel benchmark (python -m bench) under the default allocator (glibc malloc),
-#   2. the same under tcmalloc, a caching allocator (DESIGN.md §5: glibc hands big blocks back
-#      to the OS on free, so every fresh B×D tensor pays page faults),
+#   2. the same under tcmalloc, a caching allocator (glibc hands big blocks back to the OS on
+#      free, so every fresh B×D tensor pays page faults), where it is installed: nothing is
+#      installed here (Debian/Ubuntu package libtcmalloc-minimal4),
 #   3. end-to-end training (python -m bench.e2e), digits VAE and a large-batch synthetic step,
 #      under the default allocator.
 # Extra arguments go to both kernel runs, e.g. bench/run_all.sh --full. On a shared machine,
@@ -11,15 +12,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-TCMALLOC=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+TCMALLOC=$( (ldconfig -p 2>/dev/null || true) | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}')
 
 echo "== kernels, default allocator"
 "${PYTHON:-python}" -m bench "$@"
-if [ -e "$TCMALLOC" ]; then
+if [ -n "$TCMALLOC" ]; then
     echo "== kernels, tcmalloc ($TCMALLOC)"
     LD_PRELOAD="$TCMALLOC" "${PYTHON:-python}" -m bench "$@"
 else
-    echo "== tcmalloc not found, skipping its run (Debian: apt-get install -y libtcmalloc-minimal4)"
+    echo "== tcmalloc not found: skipping its run (to include it, install the package"
+    echo "   libtcmalloc-minimal4, e.g. sudo apt-get install libtcmalloc-minimal4)"
 fi
 echo "== end-to-end training, default allocator"
 "${PYTHON:-python}" -m bench.e2e

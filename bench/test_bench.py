@@ -11,7 +11,7 @@ import torch
 
 from . import measure
 from .implementations import all_implementations
-from .workloads import Case, leaves, make_inputs
+from .workloads import Case, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLEMENTATIONS = {impl.name: impl for impl in all_implementations(DEVICE)}
@@ -30,17 +30,13 @@ def test_forward_backward(benchmark, copy_gbps, name, case):
     implementation.reset()
     inputs = make_inputs(case, DEVICE)
 
-    def clear_gradients():
-        for leaf in leaves(inputs):
-            leaf.grad = None
-
     def forward_backward():
-        loss, z = implementation(inputs)
-        torch.autograd.backward((loss, z), (torch.ones_like(loss), inputs["grad_z"]))
+        measure.backward(*implementation(inputs), inputs["grad_z"])
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(forward_backward, setup=clear_gradients, rounds=7, warmup_rounds=2)
+    benchmark.pedantic(forward_backward, setup=lambda: measure.clear_gradients(inputs), rounds=7,
+                       warmup_rounds=2)
     bound_ms = case.bound_bytes("forward+backward") / (copy_gbps * 1e9) * 1e3
     benchmark.extra_info.update(copy_gbps=round(copy_gbps, 2), bound_ms=round(bound_ms, 3),
                                 x_bound=round(benchmark.stats.stats.median * 1e3 / bound_ms, 2))

@@ -1,5 +1,6 @@
 """The benchmarked workload: reparameterised sampling plus the −ELBO of one batch, with the
-decoder left out (``x_hat`` and ``x_logvar`` are leaves that require grad), and its byte count.
+decoder left out (``x_hat`` and ``x_logvar`` are leaves that require grad), or either part
+alone, and its byte count.
 """
 import itertools
 from dataclasses import dataclass
@@ -9,6 +10,10 @@ import torch
 DECODERS = ("sigma", "x_logvar", "bernoulli")  # fixed σ, per-element log-variance, Bernoulli
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FIXED_SIGMA = 0.5
+
+# 'both': sampling + loss, the CPU benchmark's workload; 'elbo' / 'sample': one part alone, the
+# GPU benchmark's, where each is a few kernel launches and host overhead shows per part.
+PARTS = ("both", "elbo", "sample")
 
 FULL_BATCHES = (256, 1024, 4096, 16384, 65536)
 FULL_EVENTS = (784, 3072, 12288)
@@ -39,36 +44,49 @@ class Case:
         return f"{self.dtype}_{self.decoder}_D{self.event}_d{self.latent}"
 
     def read_bytes(self):
-        """What any forward pass must read once: x, x_hat (and x_logvar when it is
+        """What any loss forward pass must read once: x, x_hat (and x_logvar when it is
         per-element), mu, logvar."""
         decoder_tensors = 3 if self.decoder == "x_logvar" else 2
         return self.element_size * (decoder_tensors * self.batch * self.event
                                     + 2 * self.batch * self.latent)
 
     def write_bytes(self):
-        """What any backward pass must write once: the gradients of x_hat (and x_logvar),
+        """What any loss backward pass must write once: the gradients of x_hat (and x_logvar),
         mu and logvar (x is data and needs none)."""
         decoder_grads = 2 if self.decoder == "x_logvar" else 1
         return self.element_size * (decoder_grads * self.batch * self.event
                                     + 2 * self.batch * self.latent)
 
-    def bound_bytes(self, phase):
-        """Bytes behind the bandwidth bound of ``phase`` (DESIGN.md §5): forward = the reads,
-        backward = the gradient writes, forward+backward = both."""
-        return {"forward": self.read_bytes(), "backward": self.write_bytes(),
-                "forward+backward": self.read_bytes() + self.write_bytes()}[phase]
+    def bound_bytes(self, phase, part="both"):
+        """Bytes behind the bandwidth bound of ``phase`` (forward+backward = both phases' sum).
+        'both' and 'elbo' (docs/design.md): forward = the loss's reads, backward = its gradient
+        writes; z and grad_z (B×d) are left out. 'sample': forward reads mu, logvar and writes
+        z; backward reads grad_z and writes the gradients of mu and logvar."""
+        if part == "sample":
+            forward = backward = 3 * self.element_size * self.batch * self.latent
+        else:
+            forward, backward = self.read_bytes(), self.write_bytes()
+        return {"forward": forward, "backward": backward,
+                "forward+backward": forward + backward}[phase]
 
     def batch_by_event_bytes(self):
         return self.batch * self.event * self.element_size
 
 
 def default_cases():
-    """A few minutes on a 2-core machine: a batch sweep of the DESIGN.md §5 case, plus the
-    other decoders and bfloat16 at B=4096."""
+    """About a minute on a 2-core machine: a batch sweep of the design's case (B=4096, D=3072,
+    d=64, per-element decoder log-variance), plus the other decoders and bfloat16 at B=4096."""
     cases = [Case(batch, 3072, 64, "x_logvar", "float32") for batch in (256, 1024, 4096)]
     cases += [Case(4096, 3072, 64, decoder, "float32") for decoder in ("sigma", "bernoulli")]
     cases.append(Case(4096, 3072, 64, "x_logvar", "bfloat16"))
     return cases
+
+
+def gpu_cases():
+    """The default on CUDA: the design's case in float32 and bfloat16, and a large one."""
+    return [Case(4096, 3072, 64, "x_logvar", "float32"),
+            Case(4096, 3072, 64, "x_logvar", "bfloat16"),
+            Case(16384, 12288, 256, "x_logvar", "float32")]
 
 
 def sweep_cases(batches=FULL_BATCHES, events=FULL_EVENTS, latents=FULL_LATENTS,

@@ -165,21 +165,13 @@ ElboOutputs allocate_elbo_outputs(const ElboArgs& args) {
   return out;
 }
 
-void check_scale_args(at::TensorList grads, const at::Tensor& upstream,
-                      const std::optional<at::Tensor>& previous) {
+void check_scale_args(at::TensorList grads, const at::Tensor& upstream) {
   constexpr const char* kScale = "fastvae_native::scale_: ";
   const at::Device device = upstream.device();
   TORCH_CHECK(upstream.dim() <= 1 && upstream.is_contiguous() &&
                   supported_dtype(upstream.scalar_type()),
               kScale, "upstream must be a 0-dim or [B] floating tensor, got ", upstream.sizes(),
               " ", upstream.scalar_type());
-  if (previous.has_value()) {
-    TORCH_CHECK(previous->sizes() == upstream.sizes() && previous->device() == device &&
-                    previous->is_contiguous() && supported_dtype(previous->scalar_type()),
-                kScale, "previous must be a floating tensor of upstream's shape ",
-                upstream.sizes(), " on ", device, ", got ", previous->sizes(), " on ",
-                previous->device());
-  }
   for (const at::Tensor& grad : grads) {
     TORCH_CHECK(grad.is_contiguous() && grad.device() == device &&
                     supported_dtype(grad.scalar_type()),

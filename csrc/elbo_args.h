@@ -79,11 +79,9 @@ ElboArgs make_elbo_args(const at::Tensor& x, const at::Tensor& x_hat,
 // Fresh outputs for `args`. A gradient that is a sum over an empty batch is zeroed here.
 ElboOutputs allocate_elbo_outputs(const ElboArgs& args);
 
-// Throws unless scale_(grads, upstream, previous) is a call the kernels accept: upstream 0-dim
-// or [B] (then every grad [L, B, T]), previous absent or upstream's shape, all contiguous,
-// floating and on upstream's device.
-void check_scale_args(at::TensorList grads, const at::Tensor& upstream,
-                      const std::optional<at::Tensor>& previous);
+// Throws unless scale_(grads, upstream) is a call the kernels accept: upstream 0-dim or [B]
+// (then every grad [L, B, T]), all contiguous, floating and on upstream's device.
+void check_scale_args(at::TensorList grads, const at::Tensor& upstream);
 
 // The op as registered for one device: `Impl` receives the checked arguments.
 template <ElboOutputs (*Impl)(const ElboArgs&)>

@@ -11,7 +11,12 @@ TORCH_LIBRARY(fastvae_native, m) {
         "Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, Tensor? grad_scale, int likelihood, "
         "float x_log_scale_const, float free_bits, int reduction, bool[7] needs_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("scale_(Tensor(a!)[] grads, Tensor upstream, Tensor? previous) -> ()");
+  m.def("scale_(Tensor(a!)[] grads, Tensor upstream) -> ()");
+  // Private, for the tests' noise-stream probe: a [4, count] float32 tensor whose column c holds
+  // the four normals of the Philox call first_call + c (counter (call_lo, call_hi, 0, 0), key
+  // the seed), as the kernels produce them. Reaches counters >= 2**32, which only streams of
+  // more than 2**34 elements would otherwise touch.
+  m.def("_philox_normals(Tensor seed, int first_call, int count) -> Tensor");
 }
 
 namespace {

@@ -13,7 +13,6 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import fastvae
 
@@ -106,8 +105,7 @@ def train(model, train_x, held_out_x, loss_fn=fastvae_negative_elbo, epochs=30, 
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     shuffle = torch.Generator().manual_seed(seed)
     history, steps, train_seconds = [], 0, 0.0
-    epochs_bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not progress)
-    for epoch in epochs_bar:
+    for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         for batch in torch.randperm(len(train_x), generator=shuffle).split(batch_size):
             loss = loss_fn(model, train_x[batch])
@@ -116,11 +114,10 @@ def train(model, train_x, held_out_x, loss_fn=fastvae_negative_elbo, epochs=30, 
             optimiser.step()
             steps += 1
         train_seconds += time.perf_counter() - started
-        held_out = held_out_negative_elbo(model, held_out_x)
-        history.append(held_out)
-        epochs_bar.set_postfix(held_out_neg_elbo=f"{held_out:.2f}")
+        history.append(held_out_negative_elbo(model, held_out_x))
         if progress and (epoch % log_every == 0 or epoch == epochs):
-            tqdm.write(f"epoch {epoch:3d}  held-out -ELBO {held_out:8.3f} nats/datapoint")
+            print(f"epoch {epoch:3d}  held-out -ELBO {history[-1]:8.3f} nats/datapoint",
+                  flush=True)
     return {"held_out_neg_elbo": history[-1], "history": history, "steps": steps,
             "train_seconds": train_seconds}
 

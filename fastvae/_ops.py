@@ -189,7 +189,7 @@ def _scaled_grads(ctx, saved, grad_loss):
     # The gradients are the loss's own buffers, not yet handed out: scale them in place. .data
     # has its own version counter, so retaining the graph does not trip autograd's check.
     ctx.backend.scale_([_row_view(g.data, upstream) for g in grads if g is not None and g.numel()],
-                       upstream, None)
+                       upstream)
     # Kept by reference (a copy would cost a kernel per step); its version tells a later
     # backward whether the caller changed it in place since.
     ctx.first_upstream = (upstream, upstream._version)

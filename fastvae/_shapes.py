@@ -28,5 +28,5 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
     return (loss,) + rows + grads
 
 
-def scale_(grads, upstream, previous):
+def scale_(grads, upstream):
     """In place: no outputs."""

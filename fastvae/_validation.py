@@ -70,7 +70,8 @@ def check_beta(beta):
     if isinstance(beta, torch.Tensor):
         check_float_tensor("beta", beta)
         if beta.dim() != 0:
-            raise ValueError(f"beta must be a float or a 0-dim tensor, got shape {tuple(beta.shape)}")
+            raise ValueError(f"beta must be a float or a 0-dim tensor, got shape "
+                             f"{tuple(beta.shape)}")
     else:
         check_real("beta", beta, minimum=0.0)
 

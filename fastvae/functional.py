@@ -154,6 +154,9 @@ def _flat_latents(mu, logvar, prior_mu, prior_logvar):
     return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
 
+_ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op input
+
+
 def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction):
     """Normalise shapes and run the loss op. ``x_hat`` is ``[S, *x.shape]``, ``latents`` the
     four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the op's outputs."""
@@ -162,13 +165,13 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
     theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
     inputs = (x2, x_hat3, theta3) + _flat_latents(*latents)
     originals = (x, x_hat, theta) + tuple(latents)
-    grad_on = torch.is_grad_enabled()
+    needs_grad = [_wants_grad(t) for t in originals] if torch.is_grad_enabled() else [False] * 7
     # With reduction 'none' a gradient can only be formed in forward for inputs with one row
-    # per datapoint; the others are recomputed in backward with the upstream gradient.
-    row_dims = (0, 1, 1, 0, 0, 0, 0)
-    needs_grad = [grad_on and _wants_grad(orig)
-                  and not (reduction == Reduction.NONE and t.shape[dim] != batch)
-                  for orig, t, dim in zip(originals, inputs, row_dims)]
+    # per datapoint. If another input wants one, the op recomputes every gradient in backward
+    # with the upstream gradient as row weights, so forward forms none.
+    if reduction == Reduction.NONE and any(
+            need and t.shape[dim] != batch for need, t, dim in zip(needs_grad, inputs, _ROW_DIMS)):
+        needs_grad = [False] * 7
     loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
     return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), None, int(likelihood),
                      float(theta_const), float(free_bits), int(reduction), needs_grad,

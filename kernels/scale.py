@@ -3,9 +3,9 @@
 One launch covers every gradient of the call (a tuple of pointers, unrolled at compile time).
 Program ``(c, r)`` handles block ``c`` of the rows ``r, r + R, …`` of every gradient, seen as
 ``[L, B, T]`` (rows in dim 1; a 0-dim upstream is one row: ``[1, 1, numel]``). Each row first
-loads its upstream weight and the previous one (1 without) and skips the row when they are
-equal: a plain ``loss.backward()`` costs one launch that reads two scalars per program, with no
-host sync, so CUDA-graph capture and replay see the same work.
+loads its upstream weight and skips the row when it is 1: a plain ``loss.backward()`` costs one
+launch that reads one scalar per program, with no host sync, so CUDA-graph capture and replay
+see the same work.
 """
 import torch
 import triton
@@ -19,15 +19,12 @@ _MAX_GRID_ROWS = 65535  # CUDA's limit on grid dim 1; programs loop over the row
 
 
 @triton.jit
-def _scale_row(grad_ptr, lengths, row, rows, upstream, previous, block, BLOCK: tl.constexpr):
-    """Block ``block`` of row ``row`` of one ``[L, rows, T]`` gradient, times
-    upstream / previous, formed and applied in the gradient's accumulation type."""
+def _scale_row(grad_ptr, lengths, row, rows, upstream, block, BLOCK: tl.constexpr):
+    """Block ``block`` of row ``row`` of one ``[L, rows, T]`` gradient, times upstream,
+    applied in the gradient's accumulation type."""
     samples, length = lengths[0], lengths[1]
     ACC: tl.constexpr = tl.float64 if grad_ptr.dtype.element_ty == tl.float64 else tl.float32
-    if previous is None:
-        factor = upstream.to(ACC)
-    else:
-        factor = upstream.to(ACC) / previous.to(ACC)
+    factor = upstream.to(ACC)
     element = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_row = element < length
     for sample in range(samples):
@@ -37,27 +34,21 @@ def _scale_row(grad_ptr, lengths, row, rows, upstream, previous, block, BLOCK: t
 
 
 @triton.jit
-def _scale_kernel(grads, lengths, upstream_ptr, previous_ptr, rows, BLOCK: tl.constexpr):
+def _scale_kernel(grads, lengths, upstream_ptr, rows, BLOCK: tl.constexpr):
     """``grads``: a tuple of pointers; ``lengths``: per gradient its (L, T)."""
     block = tl.program_id(0)
     for row_index in range(tl.program_id(1), rows, tl.num_programs(1)):
         row = tl.cast(row_index, tl.int64)
+        # Tested in upstream's own dtype, so that no gradient is left unscaled by a rounding tie.
         upstream = tl.load(upstream_ptr + row)
-        if previous_ptr is None:
-            previous = None
-            unchanged = upstream == 1.0
-        else:
-            previous = tl.load(previous_ptr + row)
-            unchanged = upstream == previous
-        if not unchanged:
+        if upstream != 1.0:
             for index in tl.static_range(len(grads)):
-                _scale_row(grads[index], lengths[index], row, rows, upstream, previous, block,
-                           BLOCK)
+                _scale_row(grads[index], lengths[index], row, rows, upstream, block, BLOCK)
 
 
-def scale_(grads, upstream, previous):
-    """In place: every element of ``grads`` becomes ``g * upstream / previous`` (see the
-    reference backend's contract); nothing is read from the device on the host."""
+def scale_(grads, upstream):
+    """In place: every element of ``grads`` becomes ``g * upstream`` (see the reference
+    backend's contract); nothing is read from the device on the host."""
     per_row = upstream.dim() == 1
     rows = upstream.shape[0] if per_row else 1
     lengths = tuple((g.shape[0], g.shape[2]) if per_row else (1, g.numel()) for g in grads)
@@ -67,4 +58,4 @@ def scale_(grads, upstream, previous):
     block = min(block_for(longest * rows, *_BLOCKS), triton.next_power_of_2(longest))
     config = LaunchConfig(dict(BLOCK=block), num_warps=streaming_warps(block))
     grid = (triton.cdiv(longest, block), min(rows, _MAX_GRID_ROWS))
-    launch(_scale_kernel, grid, config, tuple(grads), lengths, upstream, previous, rows)
+    launch(_scale_kernel, grid, config, tuple(grads), lengths, upstream, rows)

@@ -1,8 +1,9 @@
 """Every shared case runs once per backend under test.
 
-``FASTVAE_TEST_BACKENDS`` (comma-separated) picks the backends; by default every available
-backend that runs on the test device (``FASTVAE_TEST_DEVICE``, default cpu; 'triton' runs on
-CPU only under ``TRITON_INTERPRET=1``). Tensors a test creates land on that device.
+``FASTVAE_TEST_BACKENDS`` (comma-separated) picks the backends; by default every backend that
+``fastvae.available_backends`` lists for the test device (``FASTVAE_TEST_DEVICE``, default
+cpu; 'triton' runs on CPU only under ``TRITON_INTERPRET=1``). Tensors a test creates inside
+the ``backend`` fixture land on that device.
 """
 import os
 
@@ -10,16 +11,19 @@ import pytest
 import torch
 
 import fastvae
-from cases import TEST_DEVICE
-from fastvae import _backends
+from cases import ON_CUDA, TEST_DEVICE
+
+cuda_only = pytest.mark.skipif(not ON_CUDA, reason="a CUDA-only behaviour: run the suite with "
+                               "FASTVAE_TEST_DEVICE=cuda on a GPU")
+cpu_only = pytest.mark.skipif(ON_CUDA, reason="about CPU tensors only; its CUDA counterpart "
+                              "runs in the CUDA tests")
 
 
 def backends_under_test():
     chosen = os.environ.get("FASTVAE_TEST_BACKENDS")
     if chosen:
         return [name.strip() for name in chosen.split(",") if name.strip()]
-    return [name for name in fastvae.available_backends()
-            if TEST_DEVICE.type in _backends.module(name).DEVICE_TYPES]
+    return fastvae.available_backends(TEST_DEVICE)
 
 
 def pytest_configure(config):

@@ -1,6 +1,7 @@
-"""The DistributedDataParallel side of ``test_integration.py``: a tiny VAE, its data, and the
+"""The DistributedDataParallel side of ``test_distributed.py``: a tiny VAE, its data, and the
 worker ``torch.multiprocessing.spawn`` runs in each process (it must live in an importable
-module, not in the test file's closures)."""
+module, not in the test file's closures). Everything lives on the device it is given: gloo
+all-reduces CUDA tensors as well, so two ranks can share one GPU."""
 import os
 import sys
 import traceback
@@ -37,12 +38,12 @@ class TinyVAE(nn.Module):
                                  reduction=reduction)
 
 
-def make_model():
+def make_model(device="cpu"):
     torch.manual_seed(0)
-    return TinyVAE()
+    return TinyVAE().to(device)
 
 
-def data():
+def data(device="cpu"):
     """x, and a shift of the encoder means that puts latent dim 0 of the first half of the batch
     (rank 0's shard) far from the prior: with free bits its batch-mean KL is above λ on rank 0
     and on the whole batch, below λ on rank 1."""
@@ -50,7 +51,7 @@ def data():
     x = torch.randn(BATCH, FEATURES, generator=g)
     shift = torch.zeros(BATCH, LATENT)
     shift[:BATCH // 2, 0] = 3.0
-    return x, shift
+    return x.to(device), shift.to(device)
 
 
 def shard(rank, world_size):
@@ -59,10 +60,10 @@ def shard(rank, world_size):
 
 
 def gradients(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return {name: p.grad.detach().cpu() for name, p in model.named_parameters()}
 
 
-def run(rank, world_size, port, out_prefix, backend):
+def run(rank, world_size, port, out_prefix, backend, device):
     """One DDP rank: for each scenario, backward on the local shard; save the all-reduced grads.
 
     The process ends with ``os._exit``, skipping the process group's teardown: in this torch
@@ -74,10 +75,14 @@ def run(rank, world_size, port, out_prefix, backend):
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         torch.set_num_threads(1)  # two processes on a two-core machine
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device.index or 0)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fastvae.set_backend(backend)
-        model = DistributedDataParallel(make_model())
-        x, shift = data()
+        ids = [device.index or 0] if device.type == "cuda" else None
+        model = DistributedDataParallel(make_model(device), device_ids=ids)
+        x, shift = data(device)
         local = shard(rank, world_size)
         results = {}
         for reduction, free_bits in SCENARIOS:

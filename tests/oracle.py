@@ -1,21 +1,39 @@
 """The independent oracle: the negative ELBO written with torch.distributions, differentiated
-by autograd. Tests evaluate it in float64."""
+by autograd. Tests evaluate it in float64.
+
+The keyword names are those of ``fastvae.elbo_loss``: the Gaussian decoder's scale is
+``x_logvar`` (log σ²) or ``sigma``; the Laplace decoder's is ``x_logscale`` (log b) or ``scale``."""
 import torch
 from torch import distributions as dist
 
 
-def nll_rows(x, x_hat, likelihood="gaussian", x_logvar=None, sigma=None):
-    """[B]: NLL summed over event dims, averaged over the leading sample dim when present."""
+def _as_tensor(value, like):
+    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=like.dtype,
+                                                                      device=like.device)
+
+
+def _decoder(likelihood, x_hat, x_logvar=None, sigma=None, x_logscale=None, scale=None):
+    """The decoder distribution p(x | x̂), batch shape x̂'s."""
     if likelihood == "bernoulli":
-        log_prob = dist.Bernoulli(logits=x_hat, validate_args=False).log_prob(x)
-    else:
-        if x_logvar is not None:
-            scale = torch.exp(0.5 * x_logvar)
-        elif sigma is not None:
-            scale = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(sigma, dtype=x.dtype)
+        return dist.Bernoulli(logits=x_hat, validate_args=False)
+    if likelihood == "laplace":
+        if x_logscale is not None:
+            b = torch.exp(x_logscale)
         else:
-            scale = torch.ones((), dtype=x.dtype)
-        log_prob = dist.Normal(x_hat, scale.expand(x_hat.shape)).log_prob(x.expand(x_hat.shape))
+            b = _as_tensor(1.0 if scale is None else scale, x_hat)
+        return dist.Laplace(x_hat, b.expand(x_hat.shape))
+    if x_logvar is not None:
+        std = torch.exp(0.5 * x_logvar)
+    else:
+        std = _as_tensor(1.0 if sigma is None else sigma, x_hat)
+    return dist.Normal(x_hat, std.expand(x_hat.shape))
+
+
+def nll_rows(x, x_hat, likelihood="gaussian", x_logvar=None, sigma=None, x_logscale=None,
+             scale=None):
+    """[B]: NLL summed over event dims, averaged over the leading sample dim when present."""
+    decoder = _decoder(likelihood, x_hat, x_logvar, sigma, x_logscale, scale)
+    log_prob = decoder.log_prob(x.expand(x_hat.shape))
     per_sample = -log_prob.flatten(start_dim=log_prob.dim() - x.dim() + 1).sum(-1)
     return per_sample if x_hat.dim() == x.dim() else per_sample.mean(0)
 
@@ -27,14 +45,21 @@ def kl_elements(mu, logvar, prior_mu=None, prior_logvar=None):
     return dist.kl_divergence(q, dist.Normal(p_mu, p_scale))
 
 
+def kl_rows(mu, logvar, prior_mu=None, prior_logvar=None):
+    """[B]: the KL summed over every latent dim of ``[B, *latent]``."""
+    return kl_elements(mu, logvar, prior_mu, prior_logvar).flatten(start_dim=1).sum(-1)
+
+
 def reduce(rows, reduction):
     return {"none": rows, "mean": rows.mean(), "sum": rows.sum()}[reduction]
 
 
-def elbo_loss(x, x_hat, mu, logvar, likelihood="gaussian", x_logvar=None, sigma=None, beta=1.0,
-              free_bits=0.0, prior_mu=None, prior_logvar=None, reduction="mean"):
-    """(loss, nll, kl) reduced alike; kl is the analytic KL before free bits."""
-    nll = nll_rows(x, x_hat, likelihood, x_logvar, sigma)
+def elbo_loss(x, x_hat, mu, logvar, likelihood="gaussian", x_logvar=None, sigma=None,
+              x_logscale=None, scale=None, beta=1.0, free_bits=0.0, prior_mu=None,
+              prior_logvar=None, reduction="mean"):
+    """(loss, nll, kl) reduced alike; kl is the analytic KL before free bits. A latent dim whose
+    batch-mean KL is below λ (strictly) contributes λ: at exactly λ it is active."""
+    nll = nll_rows(x, x_hat, likelihood, x_logvar, sigma, x_logscale, scale)
     kl_el = kl_elements(mu, logvar, prior_mu, prior_logvar).flatten(start_dim=1)
     kl = kl_el.sum(-1)
     kl_term = kl

@@ -9,7 +9,7 @@ from fastvae import _philox
 
 
 def expected_z(mu, logvar, seed, n_samples):
-    """z from the stream of DESIGN.md §3, in float64."""
+    """z from the noise stream (docs/design.md), in float64."""
     count = (n_samples or 1) * mu.numel()
     eps = _philox.normal_stream(torch.tensor(seed), count).double().view(n_samples or 1, *mu.shape)
     z = mu.double() + torch.exp(0.5 * logvar.double()) * eps

@@ -44,10 +44,14 @@ fastvae::ElboOutputs elbo(const fastvae::ElboArgs& args) {
   return use_avx512() ? fastvae::AVX512::elbo_cpu(args) : fastvae::AVX2::elbo_cpu(args);
 }
 
-void scale_(at::TensorList grads, const at::Tensor& upstream,
-            const std::optional<at::Tensor>& previous) {
-  return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream, previous)
-                      : fastvae::AVX2::scale_cpu(grads, upstream, previous);
+void scale_(at::TensorList grads, const at::Tensor& upstream) {
+  return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream)
+                      : fastvae::AVX2::scale_cpu(grads, upstream);
+}
+
+at::Tensor philox_normals(const at::Tensor& seed, int64_t first_call, int64_t count) {
+  return use_avx512() ? fastvae::AVX512::philox_normals_cpu(seed, first_call, count)
+                      : fastvae::AVX2::philox_normals_cpu(seed, first_call, count);
 }
 
 }  // namespace
@@ -57,4 +61,5 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("reparameterize_backward", &reparameterize_backward);
   m.impl("elbo", &fastvae::elbo_op<&elbo>);
   m.impl("scale_", &scale_);
+  m.impl("_philox_normals", &philox_normals);
 }

@@ -5,7 +5,6 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
 #include <tuple>
 
 #include "../elbo_args.h"
@@ -18,8 +17,8 @@
       const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed,           \
       int64_t n_samples, bool need_mu, bool need_logvar);                                   \
   ElboOutputs elbo_cpu(const ElboArgs& args);                                               \
-  void scale_cpu(at::TensorList grads, const at::Tensor& upstream,                          \
-                 const std::optional<at::Tensor>& previous);
+  void scale_cpu(at::TensorList grads, const at::Tensor& upstream);                         \
+  at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count);
 
 #if defined(CPU_CAPABILITY)
 FASTVAE_NAMESPACE_BEGIN

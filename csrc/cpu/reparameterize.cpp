@@ -234,4 +234,22 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
   return {grad_mu, grad_logvar};
 }
 
+// The tests' noise-stream probe: out[j][c] is normal j of the Philox call first_call + c, from
+// the same philox_normal_block the kernels above draw their noise from.
+at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count) {
+  TORCH_CHECK(first_call >= 0 && count >= 0 && first_call <= INT64_MAX - count,
+              "fastvae_native: _philox_normals needs 0 <= first_call and first_call + count <= "
+              "2**63 - 1, got first_call=", first_call, " count=", count);
+  const uint64_t seed_value = read_seed(seed);
+  at::Tensor out = at::empty({4, count}, seed.options().dtype(at::kFloat));
+  float* data = out.mutable_data_ptr<float>();
+  alignas(64) float normals[4][kNoiseBlock];
+  for (int64_t done = 0; done < count; done += kNoiseBlock) {
+    const int64_t n = std::min(kNoiseBlock, count - done);
+    philox_normal_block(seed_value, first_call + done, n, normals);
+    for (int j = 0; j < 4; ++j) std::copy(normals[j], normals[j] + n, data + j * count + done);
+  }
+  return out;
+}
+
 FASTVAE_NAMESPACE_END

@@ -1,6 +1,6 @@
-// scale_ on the CPU: every gradient element g becomes g·u/p (u the upstream gradient, p the
-// previous one or 1), in float32 (float64 for float64 g) and rounded once to g's dtype. Where
-// u == p nothing is read or written: for a 0-dim u the whole call, for a [B] u that row.
+// scale_ on the CPU: every gradient element g becomes g·u (u the upstream gradient), in float32
+// (float64 for float64 g) and rounded once to g's dtype. Where u == 1 nothing is read or
+// written: for a 0-dim u the whole call, for a [B] u that row.
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
@@ -18,21 +18,6 @@ acc_t read_element(const at::Tensor& tensor, int64_t index) {
   acc_t converted;
   return *load_tile(advance(tensor.const_data_ptr(), tensor.scalar_type(), index),
                     tensor.scalar_type(), 1, &converted);
-}
-
-// u / p for element `index` of upstream (p = previous, or 1 when absent).
-template <typename acc_t>
-struct Factor {
-  acc_t upstream, previous;
-  bool is_one() const { return upstream == previous; }
-  acc_t value() const { return upstream / previous; }
-};
-
-template <typename acc_t>
-Factor<acc_t> factor_at(const at::Tensor& upstream, const std::optional<at::Tensor>& previous,
-                        int64_t index) {
-  return {read_element<acc_t>(upstream, index),
-          previous.has_value() ? read_element<acc_t>(*previous, index) : acc_t(1)};
 }
 
 // data[0, n) *= factor, a tile at a time (widened to acc_t where data is 16-bit).
@@ -60,40 +45,38 @@ void scale_whole(const at::Tensor& grad, acc_t factor) {
   });
 }
 
-// grad [L, B, T]: row (l, b) scaled by factor b, skipped where that factor is one.
+// grad [L, B, T]: row (l, b) scaled by upstream[b], skipped where that is one. The test is made
+// in acc_t, the type the product is formed in: a factor that rounds to 1 would leave g as it is.
 template <typename acc_t>
-void scale_rows(const at::Tensor& grad, const at::Tensor& upstream,
-                const std::optional<at::Tensor>& previous) {
+void scale_rows(const at::Tensor& grad, const at::Tensor& upstream) {
   const int64_t batch = grad.size(1), length = grad.size(2);
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, length));
   at::parallel_for(0, grad.size(0) * batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const Factor<acc_t> factor = factor_at<acc_t>(upstream, previous, row % batch);
-      if (factor.is_one()) continue;
+      const acc_t factor = read_element<acc_t>(upstream, row % batch);
+      if (factor == acc_t(1)) continue;
       scale_span(advance(grad.mutable_data_ptr(), grad.scalar_type(), row * length),
-                 grad.scalar_type(), length, factor.value());
+                 grad.scalar_type(), length, factor);
     }
   });
 }
 
 template <typename acc_t>
-void scale_grad(const at::Tensor& grad, const at::Tensor& upstream,
-                const std::optional<at::Tensor>& previous) {
-  if (upstream.dim() == 1) return scale_rows<acc_t>(grad, upstream, previous);
-  const Factor<acc_t> factor = factor_at<acc_t>(upstream, previous, 0);
-  if (!factor.is_one()) scale_whole<acc_t>(grad, factor.value());
+void scale_grad(const at::Tensor& grad, const at::Tensor& upstream) {
+  if (upstream.dim() == 1) return scale_rows<acc_t>(grad, upstream);
+  const acc_t factor = read_element<acc_t>(upstream, 0);
+  if (factor != acc_t(1)) scale_whole<acc_t>(grad, factor);
 }
 
 }  // namespace
 
-void scale_cpu(at::TensorList grads, const at::Tensor& upstream,
-               const std::optional<at::Tensor>& previous) {
-  check_scale_args(grads, upstream, previous);
+void scale_cpu(at::TensorList grads, const at::Tensor& upstream) {
+  check_scale_args(grads, upstream);
   for (const at::Tensor& grad : grads) {
     if (grad.scalar_type() == at::kDouble) {
-      scale_grad<double>(grad, upstream, previous);
+      scale_grad<double>(grad, upstream);
     } else {
-      scale_grad<float>(grad, upstream, previous);
+      scale_grad<float>(grad, upstream);
     }
   }
 }

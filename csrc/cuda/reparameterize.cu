@@ -146,6 +146,31 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cuda(
   return {grad_mu, grad_logvar};
 }
 
+// The tests' noise-stream probe (registration.cpp): out[j][c] = normal j of call first_call + c.
+__global__ void philox_normals_kernel(const int64_t* seed, int64_t first_call, int64_t count,
+                                      float* out) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < count;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    float normals[4];
+    normals_at(seed, first_call + c, normals);
+    for (int j = 0; j < 4; ++j) out[j * count + c] = normals[j];
+  }
+}
+
+at::Tensor philox_normals_cuda(const at::Tensor& seed, int64_t first_call, int64_t count) {
+  TORCH_CHECK(first_call >= 0 && count >= 0 && first_call <= INT64_MAX - count,
+              "fastvae_native: _philox_normals needs 0 <= first_call and first_call + count <= "
+              "2**63 - 1");
+  check_seed(seed, seed.device());
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor out = at::empty({4, count}, seed.options().dtype(at::kFloat));
+  if (count == 0) return out;
+  philox_normals_kernel<<<blocks_for(count), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      seed.const_data_ptr<int64_t>(), first_call, count, out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastvae
@@ -153,4 +178,5 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cuda(
 TORCH_LIBRARY_IMPL(fastvae_native, CUDA, m) {
   m.impl("reparameterize", &fastvae::cuda::reparameterize_cuda);
   m.impl("reparameterize_backward", &fastvae::cuda::reparameterize_backward_cuda);
+  m.impl("_philox_normals", &fastvae::cuda::philox_normals_cuda);
 }

@@ -1,8 +1,8 @@
-// scale_ on CUDA: every gradient element g becomes g·u/p (u the upstream gradient, p the
-// previous one or 1), in float32 (float64 for float64 g) and rounded once to g's dtype.
-// One launch covers up to kMaxTargets gradients. u and p are read on the device: with a 0-dim
-// u every block returns at once where u == p, and with a [B] u a tile of a row whose u == p is
-// skipped. No host sync and no allocation, so the launch can be captured in a CUDA graph.
+// scale_ on CUDA: every gradient element g becomes g·u (u the upstream gradient), in float32
+// (float64 for float64 g) and rounded once to g's dtype.
+// One launch covers up to kMaxTargets gradients. u is read on the device: with a 0-dim u every
+// block returns at once where u == 1, and with a [B] u a tile of a row whose u == 1 is skipped.
+// No host sync and no allocation, so the launch can be captured in a CUDA graph.
 #include <torch/library.h>
 
 #include "../elbo_args.h"
@@ -26,24 +26,17 @@ struct ScaleTarget {
 };
 
 struct ScaleLaunch {
-  Buffer upstream, previous;  // previous null: 1
+  Buffer upstream;
   int count;
   int64_t tiles;
   ScaleTarget targets[kMaxTargets];
 };
 
 template <typename acc_t>
-__device__ acc_t previous_at(const ScaleLaunch& s, int64_t index) {
-  return s.previous.data ? load<acc_t>(s.previous, index) : acc_t(1);
-}
-
-template <typename acc_t>
 __device__ void scale_tile(const ScaleLaunch& s, const ScaleTarget& t, int64_t row, int64_t segment) {
-  const int64_t factor_index = row % t.batch;
-  const acc_t upstream = load<acc_t>(s.upstream, factor_index);
-  const acc_t previous = previous_at<acc_t>(s, factor_index);
-  if (upstream == previous) return;
-  const acc_t factor = upstream / previous;
+  // Tested in acc_t, the type the product is formed in: a factor that rounds to 1 leaves g as is.
+  const acc_t factor = load<acc_t>(s.upstream, row % t.batch);
+  if (factor == acc_t(1)) return;
   const int64_t begin = row * t.length + segment * kTileElements;
   const int64_t end = min(begin + kTileElements, (row + 1) * t.length);
   if (t.vectorized) {
@@ -63,7 +56,7 @@ __device__ void scale_tile(const ScaleLaunch& s, const ScaleTarget& t, int64_t r
 
 __global__ void scale_kernel(ScaleLaunch s, bool per_row) {
   // Compared in float64, so that no float64 gradient is left unscaled by a float32 tie.
-  if (!per_row && load<double>(s.upstream, 0) == previous_at<double>(s, 0)) return;
+  if (!per_row && load<double>(s.upstream, 0) == 1.0) return;
   for (int64_t tile = blockIdx.x; tile < s.tiles; tile += gridDim.x) {
     int target = 0;
     while (target + 1 < s.count && tile >= s.targets[target + 1].first_tile) ++target;
@@ -89,10 +82,9 @@ ScaleTarget scale_target(const at::Tensor& grad, bool per_row, int64_t first_til
   return t;
 }
 
-void launch_group(at::TensorList grads, const at::Tensor& upstream,
-                  const std::optional<at::Tensor>& previous, cudaStream_t stream) {
+void launch_group(at::TensorList grads, const at::Tensor& upstream, cudaStream_t stream) {
   const bool per_row = upstream.dim() == 1;
-  ScaleLaunch s{buffer_of(upstream), previous.has_value() ? buffer_of(*previous) : Buffer{}, 0, 0};
+  ScaleLaunch s{buffer_of(upstream), 0, 0};
   for (const at::Tensor& grad : grads) {
     if (grad.numel() == 0) continue;
     s.targets[s.count] = scale_target(grad, per_row, s.tiles);
@@ -105,14 +97,13 @@ void launch_group(at::TensorList grads, const at::Tensor& upstream,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void scale_cuda(at::TensorList grads, const at::Tensor& upstream,
-                const std::optional<at::Tensor>& previous) {
-  check_scale_args(grads, upstream, previous);
+void scale_cuda(at::TensorList grads, const at::Tensor& upstream) {
+  check_scale_args(grads, upstream);
   const c10::cuda::CUDAGuard guard(upstream.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t first = 0; first < grads.size(); first += kMaxTargets) {
     launch_group(grads.slice(first, std::min<size_t>(kMaxTargets, grads.size() - first)), upstream,
-                 previous, stream);
+                 stream);
   }
 }
 

@@ -44,14 +44,12 @@ only sees the shapes documented here.
       and 1 otherwise. A broadcast input's gradient is summed over the dims it was broadcast
       along.
 
-``scale_(grads, upstream, previous)``
+``scale_(grads, upstream)``
     Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
     ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
-    view (its rows in dim 1). ``previous``: None (the grads hold unit-upstream values) or the
-    upstream of the last scaling, shaped like ``upstream``. Each element becomes
-    ``g * upstream / previous`` (``g * upstream`` without ``previous``), computed in float32
-    (float64 for float64 grads) and rounded once. Where ``upstream == previous`` (1 without
-    ``previous``) nothing is written; kernels make that test on the device (no host sync).
+    view (its rows in dim 1). Each element becomes ``g * upstream``, computed in float32
+    (float64 for float64 grads) and rounded once. Where ``upstream`` is 1 (per row for
+    ``[B]``) nothing is written; kernels make that test on the device (no host sync).
 
 The per-element negative log-likelihoods, with r = x − x̂ and θ as above:
     GAUSSIAN  ½(r²·e^−θ + θ + log 2π)
@@ -197,14 +195,10 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
     return (loss, nll, kl_el.sum(-1), kl_term, *grads)
 
 
-def scale_(grads, upstream, previous):
-    """In place; plain PyTorch reads the scalars on the host only for a CPU upstream."""
-    if upstream.device.type == "cpu" and upstream.dim() == 0:
-        if upstream.item() == (1.0 if previous is None else previous.item()):
-            return
+def scale_(grads, upstream):
+    """In place; plain PyTorch reads the scalar on the host only for a CPU upstream."""
+    if upstream.device.type == "cpu" and upstream.dim() == 0 and upstream.item() == 1.0:
+        return
     for grad in grads:
-        acc = accumulation_dtype(grad)
-        factor = upstream.to(acc) if previous is None else upstream.to(acc) / previous.to(acc)
-        if factor.dim():
-            factor = factor.view(1, -1, 1)
-        grad.copy_(grad.to(acc) * factor)
+        factor = upstream.to(accumulation_dtype(grad))
+        grad.copy_(grad.to(factor.dtype) * (factor.view(1, -1, 1) if factor.dim() else factor))

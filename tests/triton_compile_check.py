@@ -1,0 +1,122 @@
+"""Compile every Triton kernel launch of the backend for Ampere and Hopper, without a GPU.
+
+Run as a script with the Triton interpreter off (``test_triton.py`` does): every kernel launch
+the backend functions below make is replaced by compiling that kernel, with the arguments it
+was given, to a cubin for sm_80 and sm_90 (Triton bundles ptxas, so no GPU is needed). This
+catches what the interpreter cannot: type errors of the compiler, float64 maths lowering,
+register-file limits of the tile shapes.
+
+``--every-config``: for the first loss launch, compile every autotune candidate (run it with
+``FASTVAE_AUTOTUNE=1`` so the kernels are wrapped in the autotuner); otherwise the first
+candidate, or the heuristic's config.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
+
+
+class Compiler:
+    """Stands in for kernel launches: compiles each distinct specialisation once per target."""
+
+    def __init__(self):
+        self.compiled = set()
+        self.every_config = False
+
+    def compile_launch(self, fn, args, kwargs):
+        for target in TARGETS:
+            backend = make_backend(target)
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                                  specialization, options)
+            key = (fn.__name__, repr(signature), repr(sorted(constexprs.items())),
+                   repr(sorted(options.__dict__.items())), target.arch)
+            if key in self.compiled:
+                continue
+            self.compiled.add(key)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+            assert kernel.asm["cubin"], (fn.__name__, target)
+
+    def install(self):
+        compiler = self
+
+        def autotuned_run(self, *args, grid=None, warmup=False, **kwargs):
+            for config in self.configs if compiler.every_config else self.configs[:1]:
+                compiler.compile_launch(self.fn, args, {**kwargs, **config.all_kwargs()})
+
+        def jit_run(self, *args, grid=None, warmup=False, **kwargs):
+            compiler.compile_launch(self, args, kwargs)
+
+        Autotuner.run, JITFunction.run = autotuned_run, jit_run
+
+
+def sampling(backend):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        latent = torch.zeros(40, dtype=dtype)
+        seed = torch.tensor(1)
+        backend.reparameterize_forward(latent, latent, seed, 3)
+        backend.reparameterize_backward(torch.zeros(120, dtype=dtype), latent, seed, 3, True, True)
+
+
+# (data dtype, latent dtype, log-scale layout, prior, free bits, likelihood)
+LOSSES = [
+    (torch.float32, torch.float32, "SBD", "datapoint", 0.5, "gaussian"),
+    (torch.bfloat16, torch.float32, "11D", "shared", 0.0, "gaussian"),
+    (torch.float16, torch.float16, "S11", None, 0.5, "gaussian"),
+    (torch.float64, torch.float64, "1B1", "shared", 0.5, "gaussian"),
+    (torch.bfloat16, torch.bfloat16, None, None, 0.0, "bernoulli"),
+    (torch.float32, torch.bfloat16, "1BD", "shared", 0.3, "laplace"),
+    (torch.float64, torch.float64, None, "datapoint", 0.0, "laplace"),
+]
+
+
+def losses(backend, compiler, every_config):
+    from op_args import elbo_args
+    for index, (data, latents, layout, prior, free_bits, likelihood) in enumerate(LOSSES):
+        compiler.every_config = every_config and index == 0
+        args = elbo_args(batch=6, features=300, latent=5, samples=2, dtype=data,
+                         latent_dtype=latents, log_scale=layout, prior=prior,
+                         free_bits=free_bits, likelihood=likelihood, grad_scale=True,
+                         reduction="none", device=torch.device("cpu"))
+        backend.elbo(*args.backend_args())
+        if every_config:
+            return  # the autotuner run covers the first loss only
+    compiler.every_config = False
+
+
+def scaling(backend):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grads = [torch.zeros(2, 6, 300, dtype=dtype), torch.zeros(1, 6, 5, dtype=dtype)]
+        backend.scale_(grads, torch.ones(6, dtype=acc))
+        backend.scale_([g.view(-1) for g in grads], torch.tensor(2.0, dtype=acc))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--every-config", action="store_true")
+    options = parser.parse_args()
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without the Triton interpreter"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # op_args, cases
+    compiler = Compiler()
+    compiler.install()
+    from fastvae.backends import triton as backend
+    if not options.every_config:
+        sampling(backend)
+        scaling(backend)
+    losses(backend, compiler, options.every_config)
+    print(len(compiler.compiled), "kernel variants compiled for sm_80 and sm_90")
+
+
+if __name__ == "__main__":
+    main()
