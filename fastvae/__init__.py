@@ -3,9 +3,10 @@ from .backends import available_backends, get_backend, set_backend, use_backend
 from .functional import (ELBOTerms, bernoulli_nll, elbo_loss, gaussian_kl, gaussian_nll,
                          laplace_nll, reparameterize)
 from .modules import ELBOLoss
+from ._validation import set_validate_values, validate_values
 
 __version__ = "0.2.0"
 
 __all__ = ["ELBOLoss", "ELBOTerms", "available_backends", "bernoulli_nll", "elbo_loss",
            "gaussian_kl", "gaussian_nll", "get_backend", "laplace_nll", "reparameterize",
-           "set_backend", "use_backend"]
+           "set_backend", "set_validate_values", "use_backend", "validate_values"]

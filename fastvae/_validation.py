@@ -1,5 +1,7 @@
 """Argument checks of the public functions: every check runs before any kernel, and each is a
-few attribute reads and comparisons, because they run on every call."""
+few attribute reads and comparisons, because they run on every call. Checks of the values
+themselves read the data back (a device sync), so they run only in the value-checking mode."""
+import contextlib
 import numbers
 
 import torch
@@ -128,3 +130,53 @@ def check_latents(mu, logvar, prior_mu, prior_logvar):
         if prior is not None:
             check_float_tensor(name, prior)
             check_broadcasts_to(name, prior, mu.shape, "mu")
+
+
+# ----------------------------------------------------------------------------------------------
+# the value-checking mode
+# ----------------------------------------------------------------------------------------------
+_values_checked = False
+
+
+def set_validate_values(enabled: bool) -> None:
+    """Turn the value-checking mode on or off (off by default). When on, every call checks that
+    its floating inputs are finite and that Bernoulli targets lie in [0, 1], raising a
+    ValueError that names the argument and the first bad index. Each check reads the data back:
+    on a GPU it synchronises, so use it to debug, not to train (like torch.distributions'
+    ``validate_args`` or ``torch.autograd.set_detect_anomaly``). Skipped under torch.compile."""
+    global _values_checked
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _values_checked = enabled
+
+
+@contextlib.contextmanager
+def validate_values(enabled: bool = True):
+    """Context manager setting the value-checking mode for the calls inside it."""
+    previous = _values_checked
+    set_validate_values(enabled)
+    try:
+        yield
+    finally:
+        set_validate_values(previous)
+
+
+def checking_values() -> bool:
+    return _values_checked and not torch.compiler.is_compiling()
+
+
+def _first_bad(name, tensor, bad, requirement):
+    if bool(bad.any()):
+        index = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name} must be {requirement}, got {tensor[index].item()} at index "
+                         f"{index}")
+
+
+def check_values(unit_interval=(), **tensors):
+    """In the value-checking mode: every given tensor finite, those named in ``unit_interval``
+    also within [0, 1]."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            _first_bad(name, tensor, ~torch.isfinite(tensor), "finite")
+            if name in unit_interval:
+                _first_bad(name, tensor, (tensor < 0) | (tensor > 1), "in [0, 1]")

@@ -14,7 +14,8 @@ from . import _ops
 from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
 from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_data,
                           check_float_tensor, check_latents, check_n_samples, check_positive,
-                          check_real, check_same_device, check_seed, choice)
+                          check_real, check_same_device, check_seed, check_values,
+                          checking_values, choice)
 
 
 class ELBOTerms(NamedTuple):
@@ -31,16 +32,19 @@ class ELBOTerms(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 def _grouped(tensor: Tensor, shape, groups) -> Tensor:
     """``tensor`` (broadcastable to ``shape``) as a contiguous tensor with one dim per group of
-    dims of ``shape``: size 1 where it is broadcast over the whole group, else the group's size."""
-    tensor = tensor.reshape((1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape))
+    dims of ``shape``: size 1 where it is broadcast over the whole group, else the group's size.
+    Without a broadcast inside a group this is one view (one autograd node, not four)."""
+    own = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
     expanded, sizes, start = [], [], 0
     for count in groups:
-        full, own = shape[start:start + count], tensor.shape[start:start + count]
-        broadcast = all(n == 1 for n in own)
-        expanded += own if broadcast else full
+        full, mine = shape[start:start + count], own[start:start + count]
+        broadcast = all(n == 1 for n in mine)
+        expanded += mine if broadcast else full
         sizes.append(1 if broadcast else math.prod(full))
         start += count
-    return tensor.expand(expanded).reshape(sizes).contiguous()
+    if tuple(expanded) != own:
+        tensor = tensor.reshape(own).expand(expanded)
+    return tensor.reshape(sizes).contiguous()
 
 
 def _flattened(tensor: Tensor, lead: int) -> Tensor:
@@ -219,6 +223,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
         if not isinstance(seed, Tensor):
             seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
     check_same_device(mu=mu, logvar=logvar, seed=seed)
+    if checking_values():
+        check_values(mu=mu, logvar=logvar)
     dtype = _latent_dtype(mu, logvar)
     samples = 1 if n_samples is None else n_samples
     z = _ops.reparameterize(_as(mu, dtype).reshape(-1).contiguous(),
@@ -234,6 +240,8 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,
     (either may be omitted: 0); both broadcast to ``mu``'s shape."""
     check_latents(mu, logvar, prior_mu, prior_logvar)
     check_same_device(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    if checking_values():
+        check_values(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     empty = mu.new_empty(mu.shape[0], 0)
     return _fused(empty, empty.unsqueeze(0), None, 0.0, (mu, logvar, prior_mu, prior_logvar),
                   1.0, 0.0, Likelihood.GAUSSIAN, Reduction.NONE).loss
@@ -257,6 +265,8 @@ def gaussian_nll(x: Tensor, mean: Tensor, logvar: Optional[Tensor] = None, *, si
     reduction = choice("reduction", reduction, REDUCTIONS)
     theta, const = _decoder_scale(logvar, sigma, ("logvar", "sigma"), mean.shape, _gaussian_theta)
     check_same_device(x=x, mean=mean, logvar=theta, sigma=sigma)
+    if checking_values():
+        check_values(x=x, mean=mean, logvar=logvar, sigma=sigma)
     return _nll(x, mean, theta, const, Likelihood.GAUSSIAN, reduction)
 
 
@@ -272,6 +282,8 @@ def laplace_nll(x: Tensor, loc: Tensor, log_scale: Optional[Tensor] = None, *, s
     theta, const = _decoder_scale(log_scale, scale, ("log_scale", "scale"), loc.shape,
                                   _laplace_theta)
     check_same_device(x=x, loc=loc, log_scale=theta, scale=scale)
+    if checking_values():
+        check_values(x=x, loc=loc, log_scale=log_scale, scale=scale)
     return _nll(x, loc, theta, const, Likelihood.LAPLACE, reduction)
 
 
@@ -283,6 +295,8 @@ def bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tens
     check_data(x, logits, "logits")
     reduction = choice("reduction", reduction, REDUCTIONS)
     check_same_device(x=x, logits=logits)
+    if checking_values():
+        check_values(unit_interval=("x",), x=x, logits=logits)
     return _nll(x, logits, None, 0.0, Likelihood.BERNOULLI, reduction)
 
 
@@ -324,6 +338,10 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
                                        "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
     check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
                       prior_mu=prior_mu, prior_logvar=prior_logvar)
+    if checking_values():
+        check_values(("x",) if likelihood == Likelihood.BERNOULLI else (), x=x, x_hat=x_hat,
+                     mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma, x_logscale=x_logscale,
+                     scale=scale, beta=beta, prior_mu=prior_mu, prior_logvar=prior_logvar)
     if x_hat.dim() == x.dim():
         x_hat = x_hat.unsqueeze(0)
     out = _fused(x, x_hat, theta, const, (mu, logvar, prior_mu, prior_logvar), beta, free_bits,

@@ -73,7 +73,7 @@ def streaming_warps(elements_per_program: int) -> int:
 
 
 def block_for(work: int, smallest: int, largest: int) -> int:
-    """A power-of-two block in [smallest, largest] giving about ``_target_programs`` programs
+    """A power-of-two block in [smallest, largest] giving about ``_TARGET_PROGRAMS`` programs
     for ``work`` items: small shapes still spread over the SMs, large ones get long blocks.
     The largest block under the interpreter, where programs, not elements, cost time."""
     if INTERPRETED:
