@@ -1,12 +1,13 @@
 """fastvae: fused kernels for the variational-autoencoder loss (see docs/design.md)."""
 from .backends import available_backends, get_backend, set_backend, use_backend
-from .functional import (ELBOTerms, bernoulli_nll, elbo_loss, gaussian_kl, gaussian_nll,
-                         laplace_nll, reparameterize)
+from .functional import (ELBOTerms, bernoulli_nll, continuous_bernoulli_nll, elbo_loss,
+                         gaussian_kl, gaussian_nll, laplace_nll, reparameterize)
 from .modules import ELBOLoss
 from ._validation import set_validate_values, validate_values
 
 __version__ = "0.2.0"
 
-__all__ = ["ELBOLoss", "ELBOTerms", "available_backends", "bernoulli_nll", "elbo_loss",
+__all__ = ["ELBOLoss", "ELBOTerms", "available_backends", "bernoulli_nll", "continuous_bernoulli_nll",
+           "elbo_loss",
            "gaussian_kl", "gaussian_nll", "get_backend", "laplace_nll", "reparameterize",
            "set_backend", "set_validate_values", "use_backend", "validate_values"]

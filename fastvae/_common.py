@@ -1,9 +1,11 @@
 """Rules shared by the op layer and every backend: the op's enums and slot names, the
 accumulation dtype, the row reduction and the constants. Each lives here and nowhere else in
-Python. The C++ copies: csrc/likelihoods.h (Likelihood, log 2π, log 2) and csrc/elbo_args.h
-(Reduction, the gradient slots, the accumulation dtype)."""
+Python. The C++ copies: csrc/likelihoods.h (Likelihood, log 2π, log 2, the continuous Bernoulli's
+switch point and series) and csrc/elbo_args.h (Reduction, the gradient slots, the accumulation
+dtype)."""
 import enum
 import math
+from fractions import Fraction
 
 import torch
 
@@ -16,6 +18,26 @@ class Likelihood(enum.IntEnum):
     GAUSSIAN = 0   # x̂ the mean, θ = log σ²
     BERNOULLI = 1  # x̂ the logits, no θ
     LAPLACE = 2    # x̂ the location, θ = log b
+    CONTINUOUS_BERNOULLI = 3  # x̂ the logits, no θ
+
+
+def _series_coefficients(count):
+    """c_n = B_2n/(2n)! for n = 1..count (B the Bernoulli numbers, B_1 = −½), exactly: the
+    Taylor coefficients of (ℓ/2)·coth(ℓ/2) = 1 + Σ c_n ℓ^2n, radius of convergence 2π."""
+    bernoulli = [Fraction(1)]
+    for m in range(1, 2 * count + 1):
+        bernoulli.append(-sum(math.comb(m + 1, k) * bernoulli[k] for k in range(m)) / (m + 1))
+    return tuple(bernoulli[2 * n] / math.factorial(2 * n) for n in range(1, count + 1))
+
+
+# The continuous Bernoulli on logits ℓ, with L(ℓ) = log(sinh(ℓ/2)/(ℓ/2)) and D(ℓ) = L'(ℓ) =
+# ½coth(ℓ/2) − 1/ℓ: below |ℓ| = CB_SWITCH the backends sum the series D = Σ c_n ℓ^(2n−1) and
+# L = Σ c_n/(2n) ℓ^2n, with the first CB_TERMS[dtype] terms (truncation below half an ulp at
+# the switch), above it the closed forms (within ~2 ulps from the switch on).
+CB_SWITCH = 2.0
+CB_TERMS = {torch.float32: 8, torch.float64: 16}
+CB_SERIES = tuple(float(c) for c in _series_coefficients(16))  # c_n, for D
+CB_LOG_SERIES = tuple(float(c / (2 * n)) for n, c in enumerate(_series_coefficients(16), 1))
 
 
 class Reduction(enum.IntEnum):

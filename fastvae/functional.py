@@ -158,6 +158,8 @@ def _flat_latents(mu, logvar, prior_mu, prior_logvar):
     return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
 
+# Likelihoods whose data lies in [0, 1] (checked in the value-checking mode).
+_UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
 _ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op input
 
 
@@ -300,6 +302,19 @@ def bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tens
     return _nll(x, logits, None, 0.0, Likelihood.BERNOULLI, reduction)
 
 
+def continuous_bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tensor:
+    """Continuous-Bernoulli negative log-likelihood of ``x`` in [0, 1] given decoder logits ℓ
+    (Loaiza-Ganem & Cunningham 2019), in nats: ``softplus(ℓ) − x·ℓ − log C(ℓ)`` with the
+    normaliser ``C(ℓ) = ℓ / tanh(ℓ/2)`` (2 at ℓ = 0), summed over event dims; stable for every
+    ℓ. Shapes and reductions as :func:`gaussian_nll`."""
+    check_data(x, logits, "logits")
+    reduction = choice("reduction", reduction, REDUCTIONS)
+    check_same_device(x=x, logits=logits)
+    if checking_values():
+        check_values(unit_interval=("x",), x=x, logits=logits)
+    return _nll(x, logits, None, 0.0, Likelihood.CONTINUOUS_BERNOULLI, reduction)
+
+
 def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
               x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
@@ -311,9 +326,10 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
         x: data ``[B, *event]``.
         x_hat: decoder output ``[B, *event]`` or ``[S, B, *event]`` (the NLL is averaged over
             the S samples): the mean (Gaussian), the location (Laplace) or the **logits**
-            (Bernoulli; probabilities would give a wrong loss).
+            (Bernoulli, continuous Bernoulli; probabilities would give a wrong loss).
         mu, logvar: the encoder's ``[B, *latent]``; the KL is summed over all latent dims.
-        likelihood: 'gaussian', 'bernoulli' or 'laplace'.
+        likelihood: 'gaussian', 'bernoulli', 'laplace' or 'continuous_bernoulli' (x_hat are
+            logits, as for the Bernoulli).
         x_logvar / sigma: Gaussian decoder variance as log σ² or σ (see :func:`gaussian_nll`).
         x_logscale / scale: Laplace decoder scale as log b or b (see :func:`laplace_nll`).
         beta: float or 0-dim tensor weighting the KL (a tensor avoids recompiles).
@@ -339,7 +355,7 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
                       prior_mu=prior_mu, prior_logvar=prior_logvar)
     if checking_values():
-        check_values(("x",) if likelihood == Likelihood.BERNOULLI else (), x=x, x_hat=x_hat,
+        check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat,
                      mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma, x_logscale=x_logscale,
                      scale=scale, beta=beta, prior_mu=prior_mu, prior_logvar=prior_logvar)
     if x_hat.dim() == x.dim():

@@ -7,7 +7,6 @@ loads its upstream weight and skips the row when it is 1: a plain ``loss.backwar
 launch that reads one scalar per program, with no host sync, so CUDA-graph capture and replay
 see the same work.
 """
-import torch
 import triton
 import triton.language as tl
 

@@ -19,7 +19,9 @@ def generator(seed: int) -> torch.Generator:
 
 BATCH, EVENT, LATENT = 5, (2, 3, 2), (3,)
 SAMPLES = 3
-LIKELIHOODS = ("gaussian", "bernoulli", "laplace")
+LIKELIHOODS = ("gaussian", "bernoulli", "laplace", "continuous_bernoulli")
+# The likelihoods whose data x lies in [0, 1].
+UNIT_INTERVAL = ("bernoulli", "continuous_bernoulli")
 # The keyword of elbo_loss naming the decoder's log-scale tensor, and its constant scale.
 LOG_SCALE_KEYWORD = {"gaussian": "x_logvar", "laplace": "x_logscale"}
 SCALE_KEYWORD = {"gaussian": "sigma", "laplace": "scale"}
@@ -57,6 +59,9 @@ CASES = [
     Case("samples_event", decoder_scale="event", samples=SAMPLES),
     Case("bernoulli", likelihood="bernoulli"),
     Case("bernoulli_samples", likelihood="bernoulli", samples=SAMPLES),
+    Case("continuous_bernoulli", likelihood="continuous_bernoulli"),
+    Case("continuous_bernoulli_samples", likelihood="continuous_bernoulli", samples=SAMPLES,
+         prior="shared", free_bits=0.6),
     Case("laplace_unit", likelihood="laplace"),
     Case("laplace_scale_float", likelihood="laplace", decoder_scale="const"),
     Case("laplace_scale_tensor", likelihood="laplace", decoder_scale="const_tensor"),
@@ -120,7 +125,7 @@ def build(case: Case, dtype=torch.float64, latent_dtype=None, generator=None):
 
     data_shape = (case.batch,) + case.event
     hat_shape = data_shape if case.samples is None else (case.samples,) + data_shape
-    if case.likelihood == "bernoulli":
+    if case.likelihood in UNIT_INTERVAL:
         x = torch.rand(data_shape, generator=g, dtype=torch.float64, device=device).to(dtype)
     else:
         x = draw(data_shape).to(dtype)

@@ -16,6 +16,8 @@ def _decoder(likelihood, x_hat, x_logvar=None, sigma=None, x_logscale=None, scal
     """The decoder distribution p(x | x̂), batch shape x̂'s."""
     if likelihood == "bernoulli":
         return dist.Bernoulli(logits=x_hat, validate_args=False)
+    if likelihood == "continuous_bernoulli":
+        return dist.ContinuousBernoulli(logits=x_hat, validate_args=False)
     if likelihood == "laplace":
         if x_logscale is not None:
             b = torch.exp(x_logscale)

@@ -173,3 +173,27 @@ def test_upstream_changed_in_place_between_backwards_is_never_silently_wrong(bac
         return
     want = _oracle_grads(args, kwargs, leaves, first + upstream)
     _assert_grads([t.grad for t in leaves], want, _names(args, kwargs), case.name)
+
+
+@pytest.mark.parametrize("first", ["zero", "changed in place"])
+def test_a_refused_second_backward_says_what_to_do(backend, first):
+    """Where a second backward through a retained graph cannot be answered (the eager path
+    scaled the gradients in place), the error names the cause and the remedy."""
+    case, = pick("logvar_full")
+    args, kwargs, leaves = _setup(case, "none")
+    upstream = _rows(7, args[0].shape[0])
+    if first == "zero":
+        upstream[0] = 0.0
+    loss = fastvae.elbo_loss(*args, **kwargs)
+    loss.backward(upstream, retain_graph=True)
+    message = {
+        "zero": r"^fastvae: backward through a retained graph whose first backward had an "
+                r"upstream gradient of 0, which scaled the loss's gradients to 0 in place; run "
+                r"the first backward with a nonzero gradient$",
+        "changed in place": r"^fastvae: the gradient passed to the first backward through this "
+                            r"retained graph was modified in place since; pass a new tensor to "
+                            r"backward instead of changing that one$"}[first]
+    if first == "changed in place":
+        upstream.mul_(3.0)
+    with pytest.raises(RuntimeError, match=message):
+        loss.backward(upstream)

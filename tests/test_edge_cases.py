@@ -158,3 +158,79 @@ def test_shared_inputs_with_reduction_none_recompute_in_backward(backend, monkey
                                                          reduction="none")[i], x_logvar)[0]
                for i, w in enumerate(range(3)))
     torch.testing.assert_close(x_logvar.grad, want)
+
+
+def test_a_float_beta_is_one_cached_tensor_and_the_cache_is_bounded(backend):
+    """A float β is filled once per (value, dtype, device), not per call, and an annealed β
+    (a new value every step) never holds more than 256 tensors."""
+    from cases import TEST_DEVICE
+    from fastvae import functional
+    device = torch.device(TEST_DEVICE)
+    first = functional._beta_tensor(0.37, device, torch.float32)
+    assert functional._beta_tensor(0.37, device, torch.float32) is first
+    assert first.item() == pytest.approx(0.37) and first.dim() == 0
+    for step in range(600):
+        functional._beta_tensor(step / 600, device, torch.float32)
+        assert len(functional._constants) <= 256
+
+
+def test_one_dim_data_is_one_value_per_datapoint(backend):
+    """x of shape [B] (no event dims) is valid: each datapoint's NLL is its one element's."""
+    x, mean = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    got = fastvae.gaussian_nll(x, mean)
+    want = -torch.distributions.Normal(mean, 1.0).log_prob(x)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("wider", ["mu", "logvar", "prior_mu", "prior_logvar"])
+def test_any_latent_in_float64_makes_the_kl_float64(backend, wider):
+    """The latents are promoted together: one float64 latent gives a float64 KL, as accurate
+    as an all-float64 one."""
+    g = generator(8)
+    latents = {name: torch.randn(4, 3, generator=g, dtype=torch.float64)
+               for name in ("mu", "logvar", "prior_mu", "prior_logvar")}
+    given = {name: t if name == wider else t.float() for name, t in latents.items()}
+    got = fastvae.gaussian_kl(**given)
+    exact = {name: t.double() for name, t in given.items()}
+    want = torch.distributions.kl_divergence(
+        torch.distributions.Normal(exact["mu"], torch.exp(0.5 * exact["logvar"])),
+        torch.distributions.Normal(exact["prior_mu"], torch.exp(0.5 * exact["prior_logvar"]))).sum(-1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wide", [None, "x", "x_hat", "x_logvar", "mu", "beta"])
+def test_beta_reaches_the_backend_in_the_loss_dtype(backend, monkeypatch, wide):
+    """The backend contract: beta is a 0-dim tensor in the loss dtype (float64 when any of x,
+    x_hat, θ and the latents is float64, else float32), whatever the caller's beta is."""
+    module = backends.module(backend)
+    seen, elbo = [], module.elbo
+
+    def spy(*args):
+        seen.append(args[7])
+        return elbo(*args)
+
+    monkeypatch.setattr(module, "elbo", spy)
+    g = generator(4)
+    args = {name: torch.randn(shape, generator=g).to(torch.float64 if name == wide else torch.float32)
+            for name, shape in (("x", (3, 4)), ("x_hat", (3, 4)), ("x_logvar", (4,)),
+                                ("mu", (3, 2)), ("logvar", (3, 2)))}
+    for beta in (0.5, torch.tensor(0.5, dtype=torch.float64 if wide == "beta" else torch.float16)):
+        fastvae.elbo_loss(args["x"], args["x_hat"], args["mu"], args["logvar"],
+                          x_logvar=args["x_logvar"], beta=beta)
+        want = torch.float64 if wide not in (None, "beta") else torch.float32
+        assert seen[-1].dtype == want and seen[-1].dim() == 0 and seen[-1].item() == 0.5
+
+
+@pytest.mark.parametrize("leaf", ["x_hat", "mu", "logvar", "prior_mu", "prior_logvar"])
+def test_a_gradient_for_any_one_input_alone(backend, leaf):
+    """Whichever single input requires grad, the loss has a gradient for it."""
+    g = generator(9)
+    args = {name: torch.randn(shape, generator=g, dtype=torch.float64)
+            for name, shape in (("x", (3, 4)), ("x_hat", (3, 4)), ("mu", (3, 2)),
+                                ("logvar", (3, 2)), ("prior_mu", (2,)), ("prior_logvar", (2,)))}
+    args[leaf].requires_grad_()
+    loss = fastvae.elbo_loss(args["x"], args["x_hat"], args["mu"], args["logvar"],
+                             prior_mu=args["prior_mu"], prior_logvar=args["prior_logvar"])
+    (grad,) = torch.autograd.grad(loss, args[leaf])
+    assert grad.shape == args[leaf].shape and bool(grad.abs().sum() > 0)

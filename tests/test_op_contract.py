@@ -150,3 +150,77 @@ def test_scale_of_nothing(backend):
     grads = [torch.empty(2, 0, 3), torch.empty(1, 0, 1)]
     backends.module(backend).scale_(grads, torch.rand(0))
     assert [g.shape for g in grads] == [(2, 0, 3), (1, 0, 1)]
+
+
+# From mutation testing: the reparameterize backward at the backend level, and the op layer's
+# recomputation in backward for every reduction.
+@pytest.mark.parametrize("dtype", [BF16, F16, F32, F64])
+@pytest.mark.parametrize("need_mu, need_logvar", [(True, True), (True, False), (False, True)])
+def test_reparameterize_backward_dtypes_and_accuracy_at_the_backend(backend, dtype, need_mu,
+                                                                    need_logvar):
+    """Gradients in logvar's dtype; a 16-bit one formed in float32 and rounded once (within one
+    unit in the last place of the exact value); an unneeded one is empty."""
+    from fastvae import _philox
+    g = generator(11)
+    samples, numel = 8, 64
+    logvar = torch.randn(numel, generator=g, device=TEST_DEVICE).to(dtype)
+    grad_z = torch.randn(samples * numel, generator=g, device=TEST_DEVICE).to(dtype)
+    seed = torch.tensor(321, device=TEST_DEVICE)
+    grad_mu, grad_logvar = backends.module(backend).reparameterize_backward(
+        grad_z, logvar, seed, samples, need_mu, need_logvar)
+    upstream = grad_z.double().view(samples, numel)
+    eps = _philox.normal_stream(seed.cpu(), samples * numel).double().view(samples, numel)
+    exact = {"mu": upstream.sum(0),
+             "logvar": (upstream * eps).sum(0) * 0.5 * torch.exp(0.5 * logvar.double()).cpu()}
+    # one ulp for 16-bit; float32 noise and sums otherwise
+    rtol, atol = {BF16: (2**-8, 2**-16), F16: (2**-11, 2**-19), F32: (1e-5, 1e-6),
+                  F64: (1e-5, 1e-6)}[dtype]
+    for name, got, needed in (("mu", grad_mu, need_mu), ("logvar", grad_logvar, need_logvar)):
+        assert got.dtype == dtype, name
+        if not needed:
+            assert got.numel() == 0, name
+            continue
+        assert got.shape == (numel,)
+        torch.testing.assert_close(got.double().cpu(), exact[name].cpu(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradients_recomputed_in_backward_equal_those_formed_in_forward(backend, reduction,
+                                                                        batch):
+    """With no gradient requested from forward (needs_grad all false), the op layer recomputes
+    every gradient in backward; they equal the ones formed in forward, for every reduction."""
+    from fastvae import _ops
+    grads = []
+    for needs in ("api", [False] * 7):
+        args = elbo_args(batch=batch, dtype=F64, prior="datapoint", log_scale="SBD",
+                         reduction=reduction, requires_grad=True, needs=needs)
+        loss = _ops.elbo(*args.backend_args(), device=torch.device(TEST_DEVICE)).loss
+        upstream = torch.linspace(0.5, 2.0, loss.numel(), dtype=F64, device=loss.device)
+        leaves = [t for t in args.inputs.values() if t is not None and t.requires_grad]
+        grads.append(torch.autograd.grad(loss, leaves, upstream.view(loss.shape)))
+    for formed, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, formed)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_reparameterize_forward_of_16_bit_inputs_is_rounded_once(backend, dtype):
+    """z of 16-bit mu, logvar is formed in float32 and rounded once to their dtype: within one
+    unit in the last place of the exact value."""
+    from fastvae import _philox
+    g = generator(12)
+    samples, numel = 4, 256
+    mu, logvar = (torch.randn(numel, generator=g, device=TEST_DEVICE).to(dtype) for _ in range(2))
+    seed = torch.tensor(99, device=TEST_DEVICE)
+    z = backends.module(backend).reparameterize_forward(mu, logvar, seed, samples)
+    assert z.dtype == dtype and z.shape == (samples * numel,)
+    eps = _philox.normal_stream(seed.cpu(), samples * numel).double().view(samples, numel)
+    exact = mu.double().cpu() + torch.exp(0.5 * logvar.double().cpu()) * eps
+    ulp = {BF16: 2**-8, F16: 2**-11}[dtype]
+    torch.testing.assert_close(z.double().cpu().view(samples, numel), exact, rtol=ulp, atol=ulp / 64)
+
+
+@pytest.mark.parametrize("layout", [l for l in LAYOUTS if l], ids=lambda l: f"theta_{l}")
+def test_log_scale_gradient_keeps_the_log_scale_shape(backend, layout):
+    out = _run(backend, elbo_args(log_scale=layout, dtype=F64))
+    assert out["grad_x_log_scale"].shape == tuple({"S": 2, "B": 5, "D": 6, "1": 1}[c] for c in layout)

@@ -123,3 +123,34 @@ def test_non_contiguous_inputs(backend):
     z = fastvae.reparameterize(mu, logvar, 2, seed=12)
     want = fastvae.reparameterize(mu.contiguous(), logvar.contiguous(), 2, seed=12)
     assert torch.equal(z, want)
+
+
+# From mutation testing: only one of mu, logvar needing a gradient; the wider dtype in either
+# argument; the seed drawn when none is given.
+@pytest.mark.parametrize("wants", ["mu", "logvar"])
+def test_gradient_when_only_one_input_requires_it(backend, wants):
+    mu = torch.randn(5, 3, dtype=torch.float64, requires_grad=wants == "mu")
+    logvar = torch.randn(5, 3, dtype=torch.float64, requires_grad=wants == "logvar")
+    leaf = mu if wants == "mu" else logvar
+    z = fastvae.reparameterize(mu, logvar, 2, seed=77)
+    upstream = torch.randn_like(z)
+    (got,) = torch.autograd.grad(z, leaf, upstream)
+    (want,) = torch.autograd.grad(expected_z(mu, logvar, 77, 2), leaf, upstream)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("wider", ["mu", "logvar"])
+def test_mixed_dtypes_promote_whichever_is_wider(backend, wider):
+    narrow, wide = torch.randn(4, 2), torch.randn(4, 2, dtype=torch.float64)
+    mu, logvar = (wide, narrow) if wider == "mu" else (narrow, wide)
+    z = fastvae.reparameterize(mu, logvar, seed=3)
+    assert z.dtype == torch.float64
+    torch.testing.assert_close(z, expected_z(mu, logvar, 3, None), rtol=1e-6, atol=1e-6)
+
+
+def test_unseeded_calls_draw_distinct_streams(backend):
+    """Without a seed each call draws one from the full int64 range: 64 calls give 64 different
+    samples (a narrow range of drawn seeds would repeat within a few dozen steps)."""
+    mu, logvar = torch.zeros(1, 4), torch.zeros(1, 4)
+    samples = {tuple(fastvae.reparameterize(mu, logvar).flatten().tolist()) for _ in range(64)}
+    assert len(samples) == 64

@@ -199,3 +199,123 @@ def test_a_backend_that_cannot_run_on_the_device_is_refused():
             with fastvae.use_backend(name), pytest.raises(ValueError, match=name):
                 fastvae.gaussian_kl(torch.zeros(2, 3, device=TEST_DEVICE),
                                     torch.zeros(2, 3, device=TEST_DEVICE))
+
+
+# The general cases below came out of mutation testing (tests/mutation/): a check that names
+# one argument fewer, a message that names the wrong type, and the boundaries of the ranges.
+
+# beta is left out: a 0-dim beta tensor is moved to the data's device, like a 0-dim CPU tensor
+# in PyTorch's own ops.
+DEVICE_ARGUMENTS = [argument for argument in TENSOR_ARGUMENTS if argument[1] != "beta"]
+
+
+@pytest.mark.parametrize("function, keyword, likelihood, shape", DEVICE_ARGUMENTS,
+                         ids=[f"{f} {k}" for f, k, _, _ in DEVICE_ARGUMENTS])
+def test_every_tensor_argument_on_another_device_is_refused(backend, monkeypatch, function,
+                                                            keyword, likelihood, shape):
+    """Any one tensor argument on another device (meta) than the rest raises a ValueError
+    before any kernel runs."""
+    module = backends.module(backend)
+    for name in ("elbo", "reparameterize_forward", "reparameterize_backward", "scale_"):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("a kernel ran"))
+    call = call_with(function, keyword, likelihood,
+                     lambda v, s=shape: torch.ones(s, device="meta"))
+    with pytest.raises(ValueError, match=r"all tensors must be on one device"):
+        call(valid())
+
+
+@pytest.mark.parametrize("function", ["elbo_loss", "gaussian_nll", "laplace_nll", "bernoulli_nll"])
+def test_bad_reduction_is_named_for_every_function(backend, function):
+    call = call_with(function, "reduction", None, lambda v: "avg")
+    with pytest.raises(ValueError, match=r"^reduction must be one of \['none', 'mean', 'sum'\], "
+                                         r"got 'avg'$"):
+        call(valid())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: fastvae.reparameterize(v.mu, v.logvar, seed=1.5), r"seed must be an int, got float$"),
+    (lambda v: fastvae.reparameterize(v.mu, v.logvar, 2.0), r"n_samples .*, got float$"),
+    (lambda v: fastvae.reparameterize(v.mu, v.logvar, generator=3), r"torch.Generator, got int$"),
+    (lambda v: fastvae.set_validate_values(1), r"enabled must be a bool, got int$"),
+    (lambda v: fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar, beta="1"),
+     r"beta must be a real number, got str$"),
+], ids=["seed", "n_samples", "generator", "validate_values", "beta"])
+def test_type_errors_name_the_type_given(call, message):
+    with pytest.raises(TypeError, match=message):
+        call(valid())
+
+
+def test_seed_range_boundaries(backend):
+    """[0, 2**63): both ends are accepted, 2**63 is refused."""
+    v = valid()
+    for seed in (0, 2**63 - 1):
+        fastvae.reparameterize(v.mu, v.logvar, seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"):
+        fastvae.reparameterize(v.mu, v.logvar, seed=2**63)
+
+
+@pytest.mark.parametrize("keyword, likelihood", [("sigma", "gaussian"), ("scale", "laplace")])
+def test_a_scale_tensor_with_one_zero_is_refused(backend, keyword, likelihood):
+    """> 0 everywhere: a single zero (not only negatives) is refused."""
+    v = valid()
+    scale = torch.ones(6)
+    scale[4] = 0.0
+    with pytest.raises(ValueError, match=rf"{keyword} must be > 0 everywhere"):
+        fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar, likelihood=likelihood, **{keyword: scale})
+
+
+@pytest.mark.parametrize("moved", ["mu", "logvar", "seed"])
+def test_reparameterize_with_a_seed_tensor_checks_every_device(backend, moved):
+    """With a seed tensor given, no argument takes its device from another: any one of the
+    three elsewhere is refused."""
+    v = valid()
+    args = {"mu": v.mu, "logvar": v.logvar, "seed": torch.tensor(5)}
+    args[moved] = args[moved].to("meta")
+    with pytest.raises(ValueError, match=rf"all tensors must be on one device.*{moved} on meta"):
+        fastvae.reparameterize(args["mu"], args["logvar"], seed=args["seed"])
+
+
+@pytest.mark.parametrize("call", [lambda v: fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar,
+                                                              likelihood="poisson"),
+                                  lambda v: fastvae.ELBOLoss(likelihood="poisson")],
+                         ids=["elbo_loss", "ELBOLoss"])
+def test_bad_likelihood_lists_the_choices(backend, call):
+    import re
+    from fastvae._validation import LIKELIHOODS
+    choices = re.escape(str(list(LIKELIHOODS)))
+    assert "'gaussian'" in choices and "'laplace'" in choices
+    with pytest.raises(ValueError, match=rf"^likelihood must be one of {choices}, got 'poisson'$"):
+        call(valid())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: fastvae.gaussian_nll(torch.tensor(1.0), torch.tensor(1.0)),
+     r"^x must be \[B, \*event\] with at least one dim, got a 0-dim tensor$"),
+    (lambda v: fastvae.elbo_loss(v.x, torch.randn(4, 5), v.mu, v.logvar),
+     r"^x_hat must have x's shape \(4, 6\) or \[S, 4, 6\], got \(4, 5\)$"),
+    (lambda v: fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar, sigma=torch.ones(5)),
+     r"^sigma of shape \(5,\) does not broadcast to x_hat of shape \(4, 6\)$"),
+    (lambda v: fastvae.laplace_nll(v.x, v.x_hat, scale=torch.ones(2, 4, 6)),
+     r"^scale of shape \(2, 4, 6\) does not broadcast to x_hat of shape \(4, 6\)$"),
+    (lambda v: fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar, x_logvar=torch.zeros(5)),
+     r"^x_logvar of shape \(5,\) does not broadcast to x_hat of shape \(4, 6\)$"),
+    (lambda v: fastvae.gaussian_kl(v.mu, v.logvar, prior_mu=torch.zeros(2)),
+     r"^prior_mu of shape \(2,\) does not broadcast to mu of shape \(4, 3\)$"),
+    (lambda v: fastvae.elbo_loss(v.x, v.x_hat, v.mu, v.logvar, free_bits="a"),
+     r"^free_bits must be a real number, got str$"),
+], ids=["x 0-dim", "x_hat shape", "sigma shape", "scale shape", "x_logvar shape", "prior shape",
+        "free_bits type"])
+def test_shape_and_type_messages_in_full(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(valid())
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: fastvae.elbo_loss(v.x.tolist(), v.x_hat, v.mu, v.logvar),
+     r"^x must be a torch.Tensor, got list$"),
+    (lambda v: fastvae.gaussian_kl(v.mu, v.logvar.to("meta")),
+     r"^all tensors must be on one device, got mu on cpu, logvar on meta$"),
+], ids=["not a tensor", "devices"])
+def test_messages_name_what_was_given(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(valid())

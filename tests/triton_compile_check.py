@@ -77,6 +77,9 @@ LOSSES = [
     (torch.bfloat16, torch.bfloat16, None, None, 0.0, "bernoulli"),
     (torch.float32, torch.bfloat16, "1BD", "shared", 0.3, "laplace"),
     (torch.float64, torch.float64, None, "datapoint", 0.0, "laplace"),
+    (torch.float32, torch.float32, None, "shared", 0.5, "continuous_bernoulli"),
+    (torch.bfloat16, torch.float32, None, None, 0.0, "continuous_bernoulli"),
+    (torch.float64, torch.float64, None, None, 0.0, "continuous_bernoulli"),
 ]
 
 

@@ -55,11 +55,17 @@ The per-element negative log-likelihoods, with r = x − x̂ and θ as above:
     GAUSSIAN  ½(r²·e^−θ + θ + log 2π)
     BERNOULLI softplus(x̂) − x·x̂
     LAPLACE   |r|·e^−θ + θ + log 2
+    CONTINUOUS_BERNOULLI  softplus(x̂) − x·x̂ − log C(x̂), C(ℓ) = ℓ/tanh(ℓ/2) (2 at ℓ = 0), the
+              normaliser of the continuous Bernoulli on logits ℓ = x̂ (Loaiza-Ganem &
+              Cunningham 2019); computed as (½ − x)·ℓ + L(ℓ), L(ℓ) = log(sinh(ℓ/2)/(ℓ/2)), with
+              ∂x = −ℓ, ∂x̂ = ½ − x + D(ℓ), D(ℓ) = L'(ℓ) = ½coth(ℓ/2) − 1/ℓ; L and D come from their
+              Taylor series below |ℓ| = CB_SWITCH (fastvae._common) and closed forms above it.
 """
 import torch
 import torch.nn.functional as F
 
-from .._common import LOG_2, LOG_2PI, Likelihood, Reduction, accumulation_dtype, reduce_rows
+from .._common import (CB_LOG_SERIES, CB_SERIES, CB_SWITCH, CB_TERMS, LOG_2, LOG_2PI, Likelihood,
+                       Reduction, accumulation_dtype, reduce_rows)
 from .._philox import normal_stream
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -96,7 +102,7 @@ def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# per-element likelihoods: (nll, ∂x, ∂x̂, ∂θ) over [S, B, D]; θ is None for the Bernoulli
+# per-element likelihoods: (nll, ∂x, ∂x̂, ∂θ) over [S, B, D]; θ is unused (None) by the Bernoullis
 # ----------------------------------------------------------------------------------------------
 def _gaussian(x, x_hat, theta):
     residual = x - x_hat
@@ -117,8 +123,36 @@ def _laplace(x, x_hat, theta):
     return scaled_distance + theta + LOG_2, grad_x, -grad_x, 1.0 - scaled_distance
 
 
+def _horner(s, coefficients):
+    """Σ_k coefficients[k]·s^k."""
+    total = torch.full_like(s, coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        total = total * s + c
+    return total
+
+
+def _continuous_bernoulli(x, x_hat, theta):
+    """(½ − x)·ℓ + L(ℓ) and ∂x̂ = ½ − x + D(ℓ), L and D as in the module docstring: below the
+    switch the series in ℓ² (CB_TERMS of them), above it, with a = |ℓ| and e = e^−a,
+    L = a/2 − log a + log1p(−e) and D = sign(ℓ)·((½ − 1/a) + e/(1 − e)). Each branch gets its
+    argument clamped into its range, so the unused one stays finite."""
+    terms = CB_TERMS[x_hat.dtype]
+    near = x_hat.abs() < CB_SWITCH
+    inner = x_hat.clamp(-CB_SWITCH, CB_SWITCH)
+    square = inner * inner
+    outer = x_hat.abs().clamp(min=CB_SWITCH)
+    decay = torch.exp(-outer)
+    log_ratio = torch.where(near, square * _horner(square, CB_LOG_SERIES[:terms]),
+                            0.5 * outer - torch.log(outer) + torch.log1p(-decay))
+    langevin = torch.where(near, inner * _horner(square, CB_SERIES[:terms]),
+                           torch.sign(x_hat) * ((0.5 - 1.0 / outer) + decay / (1.0 - decay)))
+    half_minus_x = 0.5 - x
+    return half_minus_x * x_hat + log_ratio, -x_hat, half_minus_x + langevin, None
+
+
 _LIKELIHOODS = {Likelihood.GAUSSIAN: _gaussian, Likelihood.BERNOULLI: _bernoulli,
-                Likelihood.LAPLACE: _laplace}
+                Likelihood.LAPLACE: _laplace,
+                Likelihood.CONTINUOUS_BERNOULLI: _continuous_bernoulli}
 
 
 def _nll_rows_and_grads(x, x_hat, theta, likelihood, weight):
