@@ -192,6 +192,16 @@ def _nll(x, x_hat, theta, theta_const, likelihood, reduction):
                   likelihood, reduction).loss
 
 
+def _logits_nll(x, logits, likelihood, reduction):
+    """The NLL of a likelihood on logits with data in [0, 1] (no θ): the Bernoulli ones."""
+    check_data(x, logits, "logits")
+    reduction = choice("reduction", reduction, REDUCTIONS)
+    check_same_device(x=x, logits=logits)
+    if checking_values():
+        check_values(unit_interval=("x",), x=x, logits=logits)
+    return _nll(x, logits, None, 0.0, likelihood, reduction)
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
@@ -294,12 +304,7 @@ def bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tens
     probabilities), in nats: ``softplus(ℓ) − x·ℓ`` summed over event dims (stable form).
 
     Shapes and reductions as :func:`gaussian_nll`."""
-    check_data(x, logits, "logits")
-    reduction = choice("reduction", reduction, REDUCTIONS)
-    check_same_device(x=x, logits=logits)
-    if checking_values():
-        check_values(unit_interval=("x",), x=x, logits=logits)
-    return _nll(x, logits, None, 0.0, Likelihood.BERNOULLI, reduction)
+    return _logits_nll(x, logits, Likelihood.BERNOULLI, reduction)
 
 
 def continuous_bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "none") -> Tensor:
@@ -307,12 +312,7 @@ def continuous_bernoulli_nll(x: Tensor, logits: Tensor, *, reduction: str = "non
     (Loaiza-Ganem & Cunningham 2019), in nats: ``softplus(ℓ) − x·ℓ − log C(ℓ)`` with the
     normaliser ``C(ℓ) = ℓ / tanh(ℓ/2)`` (2 at ℓ = 0), summed over event dims; stable for every
     ℓ. Shapes and reductions as :func:`gaussian_nll`."""
-    check_data(x, logits, "logits")
-    reduction = choice("reduction", reduction, REDUCTIONS)
-    check_same_device(x=x, logits=logits)
-    if checking_values():
-        check_values(unit_interval=("x",), x=x, logits=logits)
-    return _nll(x, logits, None, 0.0, Likelihood.CONTINUOUS_BERNOULLI, reduction)
+    return _logits_nll(x, logits, Likelihood.CONTINUOUS_BERNOULLI, reduction)
 
 
 def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
