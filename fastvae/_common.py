@@ -49,6 +49,9 @@ class Reduction(enum.IntEnum):
 
 # The loss op's differentiable inputs, in order: op input i has gradient slot i.
 INPUTS = ("x", "x_hat", "x_log_scale", "mu", "logvar", "prior_mu", "prior_logvar")
+# The same for the importance-weighted bound op.
+IWAE_INPUTS = ("x", "x_hat", "x_log_scale", "z", "mu", "logvar", "prior_mu", "prior_logvar",
+               "log_weight_offset")
 
 
 def accumulation_dtype(*tensors) -> torch.dtype:

@@ -28,5 +28,16 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
     return (loss,) + rows + grads
 
 
+def iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset,
+         grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad, *backend):
+    """Empty outputs shaped as the bound op's: (loss, log_weights, *grads)."""
+    inputs = (x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset)
+    acc = accumulation_dtype(x, x_hat, x_log_scale, z)
+    loss = x.new_empty(x.shape[0] if reduction == Reduction.NONE else (), dtype=acc)
+    grads = tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                  for t, need in zip(inputs, needs_grad))
+    return (loss, x.new_empty(x_hat.shape[:2], dtype=acc)) + grads
+
+
 def scale_(grads, upstream):
     """In place: no outputs."""

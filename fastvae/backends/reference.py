@@ -44,6 +44,29 @@ only sees the shapes documented here.
       and 1 otherwise. A broadcast input's gradient is summed over the dims it was broadcast
       along.
 
+``iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset,
+       grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad)``
+    The importance-weighted bound (Burda et al. 2016) with S samples per datapoint. The first
+    nine arguments are the differentiable inputs (``fastvae._common.IWAE_INPUTS``). ``x``,
+    ``x_hat``, ``x_log_scale``, ``grad_scale``, ``likelihood``, ``x_log_scale_const`` and
+    ``reduction`` as in ``elbo``; ``z [S, B, d]`` the samples the decoder saw, ``mu``,
+    ``logvar`` ``[B, d]`` the encoder's q(z|x), the prior as in ``elbo`` (the four latent
+    tensors share one dtype); ``log_weight_offset``: None or ``[S, B]`` in the loss dtype, added
+    to the log weights (zero in use: its gradient carries the normalised weights back to
+    ``fastvae.dreg``'s identity); ``dreg``: bool; ``needs_grad``: 9 bools. With
+    ``log w[s, b] = −Σ_D nll(x, x̂[s, b], θ) + log p(z[s, b]) − log q(z[s, b] | x) + offset[s, b]``
+    (diagonal Gaussians summed over d; the log 2π terms cancel) and ``w̃ = softmax_s(log w)``:
+
+    Returns the 11-tuple ``(loss, log_weights, *grads)``: ``loss`` = the rows
+    ``log S − logsumexp_s log w[:, b]`` (the negative bound) reduced; ``log_weights`` the
+    ``[S, B]`` log w; both in the loss dtype (as ``elbo``'s, with ``z`` in place of ``mu``).
+    ``grads``: 9 tensors as in ``elbo``, for the weights ``a[s, b] = w_b·w̃[s, b]`` of the
+    samples: a·∂nll for x (summed over s), x_hat and θ; for z
+    ``w_b·w̃^k·((z − m)e^−v − (z − μ)e^−λ)`` with k = 2 when ``dreg`` (the doubly
+    reparameterised estimator, Tucker et al. 2018) else 1, (m, v) the prior's mean and
+    log-variance and λ = logvar; Σ_s a·(z − μ)e^−λ for mu; Σ_s a·½((z − μ)²e^−λ − 1) for logvar;
+    −Σ_s a·(z − m)e^−v and −Σ_s a·½((z − m)²e^−v − 1) for the prior; −a for the offset.
+
 ``scale_(grads, upstream)``
     Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
     ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
@@ -61,6 +84,8 @@ The per-element negative log-likelihoods, with r = x − x̂ and θ as above:
               ∂x = −ℓ, ∂x̂ = ½ − x + D(ℓ), D(ℓ) = L'(ℓ) = ½coth(ℓ/2) − 1/ℓ; L and D come from their
               Taylor series below |ℓ| = CB_SWITCH (fastvae._common) and closed forms above it.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -227,6 +252,55 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
         else:
             grads.append(_input_grad(kl_grads[i - 3] * kl_weight, tensor, sum_samples=False))
     return (loss, nll, kl_el.sum(-1), kl_term, *grads)
+
+
+def _log_density_ratio(z, mu, logvar, prior_mu, prior_logvar):
+    """Per element of ``[S, B, d]``: log p(z) − log q(z|x) without the cancelling log 2π, and
+    the derivatives of the negative bound's log weight, −∂(log p − log q), with respect to
+    (z, mu, logvar, prior_mu, prior_logvar)."""
+    q_residual = z - mu
+    q_scaled = q_residual * torch.exp(-logvar)
+    if prior_mu is None:
+        p_residual, p_scaled, prior_logvar = z, z, torch.zeros((), dtype=z.dtype, device=z.device)
+    else:
+        p_residual = z - prior_mu
+        p_scaled = p_residual * torch.exp(-prior_logvar)
+    ratio = 0.5 * (q_residual * q_scaled + logvar - p_residual * p_scaled - prior_logvar)
+    return ratio, (p_scaled - q_scaled, q_scaled, 0.5 * (q_residual * q_scaled - 1.0),
+                   -p_scaled, -0.5 * (p_residual * p_scaled - 1.0))
+
+
+def iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset,
+         grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad):
+    acc = accumulation_dtype(x, x_hat, x_log_scale, z)
+    n_samples, batch, _ = x_hat.shape
+    inputs = (x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset)
+    theta = (x_log_scale.to(acc) if x_log_scale is not None
+             else torch.full((), x_log_scale_const, dtype=acc, device=x.device))
+    latents = [t if t is None else t.to(acc) for t in inputs[3:8]]
+    ratio, latent_grads = _log_density_ratio(*latents)
+    # The NLL gradients are weighted once the weights are known: w̃ needs every sample's NLL.
+    nll_elements, *nll_grads = _LIKELIHOODS[likelihood](x.to(acc), x_hat.to(acc), theta)
+    log_weights = ratio.sum(-1) - nll_elements.sum(-1)
+    if log_weight_offset is not None:
+        log_weights = log_weights + log_weight_offset.to(acc)
+    log_total = torch.logsumexp(log_weights, 0)
+    loss = reduce_rows(math.log(n_samples) - log_total, reduction)
+    normalised = torch.exp(log_weights - log_total)
+    sample_weight = _row_weights(grad_scale, reduction, batch, acc, x.device) * normalised
+    weights = [sample_weight] * len(inputs)
+    weights[3] = sample_weight * normalised if dreg else sample_weight
+    grads = []
+    for i, tensor in enumerate(inputs):
+        if not needs_grad[i]:
+            grads.append(x.new_empty(0))
+        elif i == 8:
+            grads.append((-sample_weight).to(tensor.dtype))
+        else:
+            elements = nll_grads[i] if i < 3 else latent_grads[i - 3]
+            grads.append(_input_grad(elements * weights[i].unsqueeze(-1), tensor,
+                                     sum_samples=i not in (1, 2, 3)))
+    return (loss, log_weights, *grads)
 
 
 def scale_(grads, upstream):
