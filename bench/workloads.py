@@ -128,5 +128,5 @@ def make_inputs(case, device, seed=0):
 
 def leaves(inputs):
     """The inputs whose gradients a backward pass produces."""
-    return [t for t in (inputs["x_hat"], inputs["x_logvar"], inputs["mu"], inputs["logvar"])
-            if t is not None]
+    return [inputs[key] for key in ("x_hat", "x_logvar", "z", "mu", "logvar")
+            if inputs.get(key) is not None]

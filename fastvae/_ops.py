@@ -16,6 +16,8 @@ Only the first backward through a graph scales in place; a later one (``retain_g
 returns new tensors, so a gradient already handed to autograd never changes.
 The sampling op saves only ``logvar`` (an input) and the seed, and regenerates ε in backward.
 """
+import functools
+import inspect
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -23,28 +25,6 @@ from torch import Tensor
 
 from . import _shapes, backends
 from ._common import Reduction
-
-
-class ElboOutputs(NamedTuple):
-    """The loss op's outputs: the reduced loss, three per-datapoint ``[B]`` rows (the NLL,
-    the analytic KL and the KL term after free bits) and the 7 gradient slots, named as
-    ``fastvae._common.INPUTS`` (empty where not requested)."""
-    loss: Tensor
-    nll: Tensor
-    kl: Tensor
-    kl_term: Tensor
-    grad_x: Tensor
-    grad_x_hat: Tensor
-    grad_x_log_scale: Tensor
-    grad_mu: Tensor
-    grad_logvar: Tensor
-    grad_prior_mu: Tensor
-    grad_prior_logvar: Tensor
-
-
-_SLOTS = 7        # differentiable tensor inputs, gradient slot i = op input i
-_BETA = 7         # op input index of beta
-_ELBO_ARGS = 15   # op inputs including the trailing backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,72 +94,157 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# the fused loss
+# the fused losses: their outputs and ops
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastvae::elbo", mutates_args=())
-def elbo_op(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], mu: Tensor, logvar: Tensor,
-            prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta: Tensor,
-            grad_scale: Optional[Tensor], likelihood: int, x_log_scale_const: float,
-            free_bits: float, reduction: int, needs_grad: List[bool], backend: str
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                       Tensor, Tensor]:
+class ElboOutputs(NamedTuple):
+    """The ELBO op's outputs: the reduced loss, three per-datapoint ``[B]`` rows (the NLL,
+    the analytic KL and the KL term after free bits) and the 7 gradient slots, named as
+    ``fastvae._common.INPUTS`` (empty where not requested)."""
+    loss: Tensor
+    nll: Tensor
+    kl: Tensor
+    kl_term: Tensor
+    grad_x: Tensor
+    grad_x_hat: Tensor
+    grad_x_log_scale: Tensor
+    grad_mu: Tensor
+    grad_logvar: Tensor
+    grad_prior_mu: Tensor
+    grad_prior_logvar: Tensor
+
+
+class IwaeOutputs(NamedTuple):
+    """The importance-weighted bound op's outputs: the reduced negative bound, the ``[S, B]``
+    log weights and the 9 gradient slots, named as ``fastvae._common.IWAE_INPUTS``."""
+    loss: Tensor
+    log_weights: Tensor
+    grad_x: Tensor
+    grad_x_hat: Tensor
+    grad_x_log_scale: Tensor
+    grad_z: Tensor
+    grad_mu: Tensor
+    grad_logvar: Tensor
+    grad_prior_mu: Tensor
+    grad_prior_logvar: Tensor
+    grad_log_weight_offset: Tensor
+
+
+
+def _elbo(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], mu: Tensor, logvar: Tensor,
+          prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta: Tensor,
+          grad_scale: Optional[Tensor], likelihood: int, x_log_scale_const: float,
+          free_bits: float, reduction: int, needs_grad: List[bool], backend: str
+          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                     Tensor, Tensor]:
     return tuple(backends.module(backend).elbo(
         x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
         likelihood, x_log_scale_const, free_bits, reduction, needs_grad))
 
 
+def _iwae(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], z: Tensor, mu: Tensor,
+          logvar: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
+          log_weight_offset: Optional[Tensor], grad_scale: Optional[Tensor], likelihood: int,
+          x_log_scale_const: float, reduction: int, dreg: bool, needs_grad: List[bool],
+          backend: str
+          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                     Tensor, Tensor]:
+    return tuple(backends.module(backend).iwae(
+        x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset,
+        grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad))
+
+
+elbo_op = torch.library.custom_op("fastvae::elbo", mutates_args=())(_elbo)
+iwae_op = torch.library.custom_op("fastvae::iwae", mutates_args=())(_iwae)
 elbo_op.register_fake(_shapes.elbo)
+iwae_op.register_fake(_shapes.iwae)
 
 
-def _elbo_setup(ctx, inputs, output):
-    needs_grad, backend = inputs[13], inputs[14]
+class _LossOp(NamedTuple):
+    """What the shared autograd glue needs to know of a loss op. Every loss op takes its
+    differentiable tensors first (input i = gradient slot i), then the other tensors, then
+    ``grad_scale`` and options, and last the backend; it returns the loss, then other
+    non-differentiable outputs, then one gradient per slot."""
+    function: str        # the backend function: 'elbo' or 'iwae'
+    custom_op: object    # the torch.library op, for tracing
+    outputs: type        # the NamedTuple of the outputs
+    arity: int           # op arguments, the backend included
+    slots: int           # differentiable tensors
+    first_grad: int      # output index of gradient slot 0
+    grad_scale: int      # argument indices
+    reduction: int
+    needs_grad: int
+    beta: Optional[int]  # argument index of a differentiable KL weight (the ELBO's β)
+
+
+def _loss_op(function, custom_op, implementation, outputs, slots) -> _LossOp:
+    names = list(inspect.signature(implementation).parameters)
+    return _LossOp(function, custom_op, outputs, len(names), slots, outputs._fields.index(
+        "grad_x"), names.index("grad_scale"), names.index("reduction"), names.index("needs_grad"),
+        names.index("beta") if "beta" in names else None)
+
+
+_ELBO = _loss_op("elbo", elbo_op, _elbo, ElboOutputs, slots=7)
+_IWAE = _loss_op("iwae", iwae_op, _iwae, IwaeOutputs, slots=9)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused losses: autograd, shared
+# ----------------------------------------------------------------------------------------------
+def _loss_setup(spec: _LossOp, ctx, inputs, output):
+    needs_grad = inputs[spec.needs_grad]
     # Only the loss carries gradient; without this autograd would fill zeros shaped like every
     # other output (the B×D gradient outputs among them) on each backward.
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.backend = inputs[12], backend
-    ctx.eager = not isinstance(backend, str)
+    ctx.spec, ctx.reduction, ctx.backend = spec, inputs[spec.reduction], inputs[-1]
+    ctx.eager = not isinstance(ctx.backend, str)
     ctx.first_upstream = None  # the upstream gradient of the first backward, once there was one
     # A gradient that could not be formed in forward (reduction 'none' with an input shared by
     # every datapoint) is recomputed in backward with the upstream gradient as row weights.
-    ctx.deferred = any(ctx.needs_input_grad[i] and not needs_grad[i] for i in range(_SLOTS))
-    kl_term = output[3]
+    ctx.deferred = any(ctx.needs_input_grad[i] and not needs_grad[i] for i in range(spec.slots))
+    # The ELBO's β gets its gradient from the KL term of each row.
+    kl_term = output[3] if spec.beta is not None else None
     if ctx.deferred:
-        ctx.save_for_backward(*inputs[:_BETA + 1], kl_term)
-        ctx.options = inputs[9:12]  # likelihood, x_log_scale_const, free_bits
+        ctx.save_for_backward(kl_term, *inputs[:spec.grad_scale])
+        ctx.options = inputs[spec.grad_scale + 1:-1]
     else:
-        ctx.save_for_backward(inputs[_BETA], kl_term, *output[4:])
+        ctx.save_for_backward(kl_term, *output[spec.first_grad:])
 
 
-def _elbo_grad(ctx, grad_loss, *unused_grads):
+def _loss_grad(ctx, grad_loss, *unused_grads):
+    spec = ctx.spec
     if grad_loss is None:  # the loss itself was not used; the other outputs carry no gradient
-        return (None,) * _ELBO_ARGS
+        return (None,) * spec.arity
+    kl_term, *saved = ctx.saved_tensors
     if ctx.deferred:
-        *inputs, beta, kl_term = ctx.saved_tensors
-        grads = _recomputed_grads(ctx, inputs, beta, grad_loss)
+        grads = _recomputed_grads(ctx, saved, grad_loss)
     else:
-        beta, kl_term, *saved = ctx.saved_tensors
         grads = _scaled_grads(ctx, saved, grad_loss)
-    grad_beta = None
-    if ctx.needs_input_grad[_BETA]:
+    rest = [None] * (spec.arity - spec.slots)
+    if spec.beta is not None and ctx.needs_input_grad[spec.beta]:
         per_row = kl_term.mean() if ctx.reduction == Reduction.MEAN else kl_term
-        grad_beta = (grad_loss * per_row).sum().to(beta.dtype)
-    return (*grads, grad_beta) + (None,) * (_ELBO_ARGS - _SLOTS - 1)
+        rest[spec.beta - spec.slots] = (grad_loss * per_row).sum()
+    return (*grads, *rest)
 
 
-def _recomputed_grads(ctx, inputs, beta, grad_loss):
+def _recomputed_grads(ctx, inputs, grad_loss):
+    spec = ctx.spec
     batch = inputs[0].shape[0]
     rows = grad_loss.expand(batch).contiguous()
     if ctx.reduction == Reduction.MEAN:
         rows = rows / max(batch, 1)
-    needs = [bool(n) for n in ctx.needs_input_grad[:_SLOTS]]
-    args = (*inputs, beta, rows, *ctx.options, int(Reduction.NONE), needs)
-    out = ctx.backend.elbo(*args) if ctx.eager else elbo_op(*args, ctx.backend)
-    return [g if need else None for g, need in zip(out[4:], needs)]
+    needs = [bool(n) for n in ctx.needs_input_grad[:spec.slots]]
+    args = [*inputs, rows, *ctx.options]
+    args[spec.reduction], args[spec.needs_grad] = int(Reduction.NONE), needs
+    if ctx.eager:
+        out = getattr(ctx.backend, spec.function)(*args)
+    else:
+        out = spec.custom_op(*args, ctx.backend)
+    return [g if need else None for g, need in zip(out[spec.first_grad:], needs)]
 
 
 def _scaled_grads(ctx, saved, grad_loss):
     """The gradients formed in forward times the upstream gradient ``grad_loss``."""
-    grads = [g if need else None for g, need in zip(saved, ctx.needs_input_grad[:_SLOTS])]
+    grads = [g if need else None for g, need in zip(saved, ctx.needs_input_grad[:ctx.spec.slots])]
     if not ctx.eager:
         return [None if g is None else _scaled(g, grad_loss, None) for g in grads]
     upstream = grad_loss.contiguous()
@@ -226,29 +291,46 @@ def _scaled(grad: Tensor, upstream: Tensor, previous: Optional[Tensor]) -> Tenso
     return (grad * factor).to(grad.dtype)
 
 
-elbo_op.register_autograd(_elbo_grad, setup_context=_elbo_setup)
+for _spec in (_ELBO, _IWAE):
+    _spec.custom_op.register_autograd(_loss_grad,
+                                      setup_context=functools.partial(_loss_setup, _spec))
 
 
-class _EagerElbo(torch.autograd.Function):
-    """The eager path: the last input is the backend module instead of its name (forward
-    takes ctx itself, see _EagerReparameterize)."""
-
-    @staticmethod
+def _eager_function(spec: _LossOp):
+    """The eager path of a loss op: a Function whose last input is the backend module instead
+    of its name (forward takes ctx itself, see _EagerReparameterize)."""
     def forward(ctx, *inputs):
-        output = inputs[-1].elbo(*inputs[:-1])
-        _elbo_setup(ctx, inputs, output)
+        output = getattr(inputs[-1], spec.function)(*inputs[:-1])
+        _loss_setup(spec, ctx, inputs, output)
         ctx.mark_non_differentiable(*output[1:])
         return output
 
-    backward = staticmethod(_elbo_grad)
+    return type(f"_Eager_{spec.function}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(_loss_grad)})
+
+
+_EAGER = {spec.function: _eager_function(spec) for spec in (_ELBO, _IWAE)}
+
+
+def _run(spec: _LossOp, args, device: torch.device):
+    """The loss op ``spec`` on the backend for ``device``; ``args`` are the op's (without
+    backend)."""
+    if torch.compiler.is_compiling():
+        name = backends.resolve_name(backends.get_backend(), device.type)
+        return spec.outputs._make(spec.custom_op(*args, name))
+    backend = backends.implementation(device)[1]
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                       for t in args[:spec.grad_scale]):
+        return spec.outputs._make(_EAGER[spec.function].apply(*args, backend))
+    return spec.outputs._make(getattr(backend, spec.function)(*args))
 
 
 def elbo(*args, device: torch.device) -> ElboOutputs:
-    """The loss op on the backend for ``device``; ``args`` are the op's (without backend)."""
-    if torch.compiler.is_compiling():
-        name = backends.resolve_name(backends.get_backend(), device.type)
-        return ElboOutputs._make(elbo_op(*args, name))
-    backend = backends.implementation(device)[1]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:_BETA + 1]):
-        return ElboOutputs._make(_EagerElbo.apply(*args, backend))
-    return ElboOutputs._make(backend.elbo(*args))
+    """The ELBO op on the backend for ``device``; ``args`` are the op's (without backend)."""
+    return _run(_ELBO, args, device)
+
+
+def iwae(*args, device: torch.device) -> IwaeOutputs:
+    """The importance-weighted bound op on the backend for ``device``; ``args`` are the op's
+    (without backend)."""
+    return _run(_IWAE, args, device)

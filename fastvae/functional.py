@@ -144,9 +144,8 @@ def _wants_grad(tensor: Optional[Tensor]) -> bool:
     return tensor is not None and tensor.requires_grad
 
 
-def _flat_latents(mu, logvar, prior_mu, prior_logvar):
-    """``[B, L]`` latents in their promoted dtype, and the priors as ``[1 or B, L]``."""
-    dtype = _latent_dtype(mu, logvar, prior_mu, prior_logvar)
+def _flat_latents(mu, logvar, prior_mu, prior_logvar, dtype):
+    """``[B, L]`` latents in ``dtype``, and the priors as ``[1 or B, L]``."""
     mu2, logvar2 = _flattened(_as(mu, dtype), 1), _flattened(_as(logvar, dtype), 1)
     if prior_mu is None and prior_logvar is None:
         return mu2, logvar2, None, None
@@ -158,6 +157,21 @@ def _flat_latents(mu, logvar, prior_mu, prior_logvar):
     return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
 
+def _gradients_wanted(originals, inputs, row_dims, reduction):
+    """The op's ``needs_grad``: one bool per differentiable input. With reduction 'none' a
+    gradient can only be formed in forward for inputs with one row per datapoint (``row_dims``
+    names each input's datapoint dim). If another input wants one, the op recomputes every
+    gradient in backward with the upstream gradient as row weights, so forward forms none."""
+    if not torch.is_grad_enabled():
+        return [False] * len(originals)
+    needs_grad = [_wants_grad(t) for t in originals]
+    batch = inputs[0].shape[0]
+    if reduction == Reduction.NONE and any(
+            need and t.shape[dim] != batch for need, t, dim in zip(needs_grad, inputs, row_dims)):
+        return [False] * len(originals)
+    return needs_grad
+
+
 # Likelihoods whose data lies in [0, 1] (checked in the value-checking mode).
 _UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
 _ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op input
@@ -166,18 +180,11 @@ _ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op inp
 def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction):
     """Normalise shapes and run the loss op. ``x_hat`` is ``[S, *x.shape]``, ``latents`` the
     four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the op's outputs."""
-    batch = x.shape[0]
     x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
     theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
-    inputs = (x2, x_hat3, theta3) + _flat_latents(*latents)
-    originals = (x, x_hat, theta) + tuple(latents)
-    needs_grad = [_wants_grad(t) for t in originals] if torch.is_grad_enabled() else [False] * 7
-    # With reduction 'none' a gradient can only be formed in forward for inputs with one row
-    # per datapoint. If another input wants one, the op recomputes every gradient in backward
-    # with the upstream gradient as row weights, so forward forms none.
-    if reduction == Reduction.NONE and any(
-            need and t.shape[dim] != batch for need, t, dim in zip(needs_grad, inputs, _ROW_DIMS)):
-        needs_grad = [False] * 7
+    inputs = (x2, x_hat3, theta3) + _flat_latents(*latents, _latent_dtype(*latents))
+    needs_grad = _gradients_wanted((x, x_hat, theta) + tuple(latents), inputs, _ROW_DIMS,
+                                   reduction)
     loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
     return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), None, int(likelihood),
                      float(theta_const), float(free_bits), int(reduction), needs_grad,

@@ -3,6 +3,8 @@ by autograd. Tests evaluate it in float64.
 
 The keyword names are those of ``fastvae.elbo_loss``: the Gaussian decoder's scale is
 ``x_logvar`` (log σ²) or ``sigma``; the Laplace decoder's is ``x_logscale`` (log b) or ``scale``."""
+import math
+
 import torch
 from torch import distributions as dist
 
@@ -70,3 +72,22 @@ def elbo_loss(x, x_hat, mu, logvar, likelihood="gaussian", x_logvar=None, sigma=
         kl_term = torch.where(active, kl_el, torch.full_like(kl_el, free_bits)).sum(-1)
     loss = nll + beta * kl_term
     return reduce(loss, reduction), reduce(nll, reduction), reduce(kl, reduction)
+
+
+def log_weights(x, x_hat, z, mu, logvar, likelihood="gaussian", x_logvar=None, sigma=None,
+                x_logscale=None, scale=None, prior_mu=None, prior_logvar=None):
+    """[S, B]: log p(x|z_s) + log p(z_s) − log q(z_s|x) with torch.distributions."""
+    decoder = _decoder(likelihood, x_hat, x_logvar, sigma, x_logscale, scale)
+    log_px = decoder.log_prob(x.expand(x_hat.shape)).flatten(start_dim=2).sum(-1)
+    p_mu = torch.zeros_like(mu) if prior_mu is None else prior_mu.expand(mu.shape)
+    p_std = (torch.ones_like(mu) if prior_logvar is None
+             else torch.exp(0.5 * prior_logvar).expand(mu.shape))
+    log_pz = dist.Normal(p_mu, p_std).log_prob(z).flatten(start_dim=2).sum(-1)
+    log_qz = dist.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).flatten(start_dim=2).sum(-1)
+    return log_px + log_pz - log_qz
+
+
+def iwae_loss(x, x_hat, z, mu, logvar, reduction="mean", **options):
+    """The negative importance-weighted bound, log S − logsumexp_s log w_s, reduced."""
+    weights = log_weights(x, x_hat, z, mu, logvar, **options)
+    return reduce(math.log(weights.shape[0]) - torch.logsumexp(weights, 0), reduction)
