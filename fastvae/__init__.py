@@ -3,12 +3,13 @@ from .backends import available_backends, get_backend, set_backend, use_backend
 from .functional import (ELBOTerms, bernoulli_nll, continuous_bernoulli_nll, elbo_loss,
                          gaussian_kl, gaussian_nll, laplace_nll, reparameterize)
 from .importance import dreg, iwae_loss, log_likelihood
+from .mixture import GaussianMixture, mixture_kl
 from .modules import ELBOLoss
 from ._validation import set_validate_values, validate_values
 
 __version__ = "0.2.0"
 
-__all__ = ["ELBOLoss", "ELBOTerms", "available_backends", "bernoulli_nll",
+__all__ = ["ELBOLoss", "ELBOTerms", "GaussianMixture", "available_backends", "bernoulli_nll",
            "continuous_bernoulli_nll", "dreg", "elbo_loss", "gaussian_kl", "gaussian_nll",
-           "get_backend", "iwae_loss", "laplace_nll", "log_likelihood", "reparameterize",
+           "get_backend", "iwae_loss", "laplace_nll", "log_likelihood", "mixture_kl", "reparameterize",
            "set_backend", "set_validate_values", "use_backend", "validate_values"]

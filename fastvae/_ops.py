@@ -94,6 +94,77 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# the mixture prior's log ratio
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvae::mixture_log_ratio", mutates_args=())
+def mixture_log_ratio_op(z: Tensor, mu: Tensor, logvar: Tensor, means: Tensor, logvars: Tensor,
+                         logits: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    return backends.module(backend).mixture_log_ratio(z, mu, logvar, means, logvars, logits)
+
+
+@torch.library.custom_op("fastvae::mixture_log_ratio_backward", mutates_args=())
+def mixture_log_ratio_backward_op(grad: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+                                  means: Tensor, logvars: Tensor, logits: Tensor,
+                                  log_prior_sum: Tensor, needs_grad: List[bool], backend: str
+                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(backends.module(backend).mixture_log_ratio_backward(
+        grad, z, mu, logvar, means, logvars, logits, log_prior_sum, needs_grad))
+
+
+mixture_log_ratio_op.register_fake(_shapes.mixture_log_ratio)
+mixture_log_ratio_backward_op.register_fake(_shapes.mixture_log_ratio_backward)
+
+
+def _mixture_setup(ctx, inputs, output):
+    # The latent tensors are small (B×d, K×d): backward recomputes the responsibilities from
+    # them and the per-sample log-sum-exp instead of keeping a [S, B, K] tensor.
+    ctx.save_for_backward(*inputs[:6], output[1])
+    ctx.backend = inputs[6]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mixture_grad(ctx, grad_ratio, unused):
+    if grad_ratio is None:
+        return (None,) * 7
+    *inputs, log_prior_sum = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:6]]
+    args = (grad_ratio.contiguous(), *inputs, log_prior_sum, needs)
+    if isinstance(ctx.backend, str):
+        grads = mixture_log_ratio_backward_op(*args, ctx.backend)
+    else:
+        grads = ctx.backend.mixture_log_ratio_backward(*args)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)
+
+
+mixture_log_ratio_op.register_autograd(_mixture_grad, setup_context=_mixture_setup)
+
+
+class _EagerMixture(torch.autograd.Function):
+    """The eager path (see _EagerReparameterize)."""
+
+    @staticmethod
+    def forward(ctx, z, mu, logvar, means, logvars, logits, backend):
+        output = backend.mixture_log_ratio(z, mu, logvar, means, logvars, logits)
+        _mixture_setup(ctx, (z, mu, logvar, means, logvars, logits, backend), output)
+        return output
+
+    backward = staticmethod(_mixture_grad)
+
+
+def mixture_log_ratio(*args: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(log q(z|x) − log p(z), log_prior_sum)`` per sample for the normalised latent
+    tensors ``args`` = (z, mu, logvar, means, logvars, logits), on the selected backend."""
+    device = args[0].device
+    if torch.compiler.is_compiling():
+        return mixture_log_ratio_op(*args, backends.resolve_name(backends.get_backend(),
+                                                                 device.type))
+    backend = backends.implementation(device)[1]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        return _EagerMixture.apply(*args, backend)
+    return backend.mixture_log_ratio(*args)
+
+
+# ----------------------------------------------------------------------------------------------
 # the fused losses: their outputs and ops
 # ----------------------------------------------------------------------------------------------
 class ElboOutputs(NamedTuple):

@@ -39,5 +39,17 @@ def iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weigh
     return (loss, x.new_empty(x_hat.shape[:2], dtype=acc)) + grads
 
 
+def mixture_log_ratio(z, mu, logvar, means, logvars, logits, *backend):
+    acc = accumulation_dtype(z)
+    return tuple(z.new_empty(z.shape[:2], dtype=acc) for _ in range(2))
+
+
+def mixture_log_ratio_backward(grad, z, mu, logvar, means, logvars, logits, log_prior_sum,
+                               needs_grad, *backend):
+    inputs = (z, mu, logvar, means, logvars, logits)
+    return tuple(t.new_empty(t.shape) if need else z.new_empty(0)
+                 for t, need in zip(inputs, needs_grad))
+
+
 def scale_(grads, upstream):
     """In place: no outputs."""

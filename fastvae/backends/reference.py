@@ -67,6 +67,26 @@ only sees the shapes documented here.
     log-variance and λ = logvar; Σ_s a·(z − μ)e^−λ for mu; Σ_s a·½((z − μ)²e^−λ − 1) for logvar;
     −Σ_s a·(z − m)e^−v and −Σ_s a·½((z − m)²e^−v − 1) for the prior; −a for the offset.
 
+``mixture_log_ratio(z, mu, logvar, means, logvars, logits) -> (log_ratio, log_prior_sum)``
+    The single-sample KL estimate ``log q(z|x) − log p(z)`` for a mixture-of-Gaussians prior
+    ``p(z) = Σ_k π_k N(z; means[k], e^logvars[k])``, ``π = softmax(logits)``, with q(z|x) =
+    N(mu, e^logvar) (diagonal Gaussians summed over d; the log 2π terms cancel). ``z``
+    ``[S, B, d]``; ``mu``, ``logvar`` ``[B, d]``; ``means``, ``logvars`` ``[K, d]`` (K ≥ 1);
+    ``logits`` ``[K]``; all contiguous, one floating dtype. Returns two ``[S, B]`` tensors in the
+    accumulation dtype: the log ratio, and ``log Σ_k exp(logits_k + c_k)`` with
+    ``c_k = −½Σ_d((z − means_k)²e^−logvars_k + logvars_k)`` (what backward needs to form the
+    responsibilities ``r_k = exp(logits_k + c_k − log_prior_sum)``, without a ``[S, B, K]``
+    tensor). Streams over k: no ``[S, B, K, d]`` tensor in the kernels.
+
+``mixture_log_ratio_backward(grad, z, mu, logvar, means, logvars, logits, log_prior_sum,
+                             needs_grad)``
+    ``grad`` ``[S, B]`` the upstream gradient of the log ratio; ``needs_grad`` 6 bools. Returns
+    the gradients of (z, mu, logvar, means, logvars, logits) in their dtypes (empty where not
+    needed): with ``g = grad`` and ``π`` the mixture weights, ``g·(Σ_k r_k(z − m_k)e^−v_k −
+    (z − μ)e^−λ)`` for z; Σ_s g·(z − μ)e^−λ for mu; Σ_s g·½((z − μ)²e^−λ − 1) for logvar;
+    −Σ_{s,b} g·r_k(z − m_k)e^−v_k, −Σ_{s,b} g·r_k·½((z − m_k)²e^−v_k − 1) and
+    −Σ_{s,b} g·(r_k − π_k) for the components (m, v) = (means, logvars) and the logits.
+
 ``scale_(grads, upstream)``
     Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
     ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
@@ -301,6 +321,45 @@ def iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weigh
             grads.append(_input_grad(elements * weights[i].unsqueeze(-1), tensor,
                                      sum_samples=i not in (1, 2, 3)))
     return (loss, log_weights, *grads)
+
+
+def _component_terms(z, means, logvars):
+    """[S, B, K, d]: (z − m_k)·e^−v_k and (z − m_k), for every component."""
+    residual = z.unsqueeze(2) - means
+    return residual * torch.exp(-logvars), residual
+
+
+def mixture_log_ratio(z, mu, logvar, means, logvars, logits):
+    acc = accumulation_dtype(z)
+    z, mu, logvar, means, logvars, logits = (t.to(acc) for t in (z, mu, logvar, means, logvars,
+                                                                  logits))
+    q_residual = z - mu
+    log_q = -0.5 * (q_residual * q_residual * torch.exp(-logvar) + logvar).sum(-1)
+    scaled, residual = _component_terms(z, means, logvars)
+    components = -0.5 * (scaled * residual + logvars).sum(-1)
+    log_prior_sum = torch.logsumexp(logits + components, -1)
+    return log_q - (log_prior_sum - torch.logsumexp(logits, 0)), log_prior_sum
+
+
+def mixture_log_ratio_backward(grad, z, mu, logvar, means, logvars, logits, log_prior_sum,
+                               needs_grad):
+    acc = accumulation_dtype(z)
+    inputs = (z, mu, logvar, means, logvars, logits)
+    z_, mu_, logvar_, means_, logvars_, logits_ = (t.to(acc) for t in inputs)
+    g = grad.to(acc).unsqueeze(-1)
+    q_scaled = (z_ - mu_) * torch.exp(-logvar_)
+    scaled, residual = _component_terms(z_, means_, logvars_)
+    components = -0.5 * (scaled * residual + logvars_).sum(-1)
+    responsibility = torch.exp(logits_ + components - log_prior_sum.to(acc).unsqueeze(-1))
+    weighted = responsibility.unsqueeze(-1) * g.unsqueeze(-1)  # [S, B, K, 1]
+    grads = (g * ((responsibility.unsqueeze(-1) * scaled).sum(2) - q_scaled),
+             (g * q_scaled).sum(0),
+             (g * 0.5 * (q_scaled * (z_ - mu_) - 1.0)).sum(0),
+             -(weighted * scaled).sum((0, 1)),
+             -(weighted * 0.5 * (scaled * residual - 1.0)).sum((0, 1)),
+             -(g * (responsibility - torch.softmax(logits_, 0))).sum((0, 1)))
+    return tuple(grad_.to(t.dtype) if need else z.new_empty(0)
+                 for grad_, t, need in zip(grads, inputs, needs_grad))
 
 
 def scale_(grads, upstream):
