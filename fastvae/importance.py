@@ -12,13 +12,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, mixture
 from ._common import Reduction, accumulation_dtype
 from ._validation import (LIKELIHOODS, REDUCTIONS, check_data, check_float_tensor,
                           check_latents, check_n_samples, check_same_device, check_values,
                           checking_values, choice)
 from .functional import (_UNIT_INTERVAL_DATA, _as, _flat_latents, _flattened,
                          _gradients_wanted, _grouped, _latent_dtype, _theta, reparameterize)
+from .mixture import GaussianMixture
 
 _ROW_DIMS = (0, 1, 1, 1, 0, 0, 0, 0, 1)  # the datapoint dim of each normalised op input
 
@@ -98,8 +99,20 @@ def _check_bound_args(x, x_hat, z, mu, logvar, prior_mu, prior_logvar, tie):
                              "requires grad")
 
 
-def _bound(x, x_hat, theta, theta_const, z, latents, tie, likelihood, reduction):
-    """Normalise shapes and run the bound op; ``latents`` as given (mu, logvar, priors)."""
+def _mixture_offset(z, mu, logvar, prior, dtype):
+    """``[S, B]``: log p(z) − log N(z; 0, I) for a mixture prior. The op itself adds the
+    standard normal's log density; this offset to the log weights makes it the mixture's."""
+    log_ratio = mixture.log_ratio(z, mu, logvar, prior)  # log q(z|x) − log p(z)
+    z, mu, logvar = (t.to(dtype) for t in (z, mu, logvar))
+    residual = z - mu
+    q_over_standard = 0.5 * (z * z - residual * residual * torch.exp(-logvar) - logvar)
+    return q_over_standard.flatten(2).sum(-1) - log_ratio
+
+
+def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction):
+    """Normalise shapes and run the bound op. ``decoder`` is (x_hat, θ, θ constant),
+    ``latents`` (mu, logvar, prior_mu, prior_logvar) as given, ``prior`` a mixture or None."""
+    x_hat, theta, theta_const = decoder
     dtype = _latent_dtype(z, *latents)
     x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
     theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
@@ -107,9 +120,15 @@ def _bound(x, x_hat, theta, theta_const, z, latents, tie, likelihood, reduction)
     if tie is not None:  # DReG: no score-function term, so q's parameters get no direct path
         latents = (latents[0].detach(), latents[1].detach()) + tuple(latents[2:])
     loss_dtype = accumulation_dtype(x, x_hat, theta, z3)
-    offset = None if tie is None else _as(tie, loss_dtype)
+    offsets = [] if tie is None else [_as(tie, loss_dtype)]
+    if prior is not None:
+        if tie is not None:  # DReG weights the prior's path to z by w̃² too: a tie of its own
+            z, own_tie = _DregTie.apply(z)
+            offsets.append(_as(own_tie, loss_dtype))
+        offsets.append(_mixture_offset(z, *latents[:2], prior, loss_dtype))
+    offset = sum(offsets[1:], offsets[0]) if offsets else None
     inputs = (x2, x_hat3, theta3, z3) + _flat_latents(*latents, dtype) + (offset,)
-    needs_grad = _gradients_wanted((x, x_hat, theta, z) + tuple(latents) + (tie,), inputs,
+    needs_grad = _gradients_wanted((x, x_hat, theta, z) + tuple(latents) + (offset,), inputs,
                                    _ROW_DIMS, reduction)
     return _ops.iwae(*inputs, None, int(likelihood), float(theta_const), int(reduction),
                      tie is not None, needs_grad, device=x.device)
@@ -119,7 +138,8 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
               x_logscale: Optional[Tensor] = None, scale=None,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
-              dreg: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+              prior: Optional[GaussianMixture] = None, dreg: Optional[Tensor] = None,
+              reduction: str = "mean") -> Tensor:
     """The negative importance-weighted bound, ``log S − logsumexp_s log w_s``, in nats,
     fused in one op: it never copies ``x`` S times or stores ``[S, B, *event]`` temporaries.
 
@@ -132,6 +152,8 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
         mu, logvar: q(z|x) as ``[B, *latent]``, a diagonal Gaussian.
         likelihood, x_logvar, sigma, x_logscale, scale, prior_mu, prior_logvar: as in
             :func:`fastvae.elbo_loss` (a decoder scale may also be ``[S, B, *event]``).
+        prior: a :class:`fastvae.GaussianMixture` prior instead of a Gaussian one; its log
+            density enters the log weights (streamed over the components).
         dreg: None for the standard IWAE gradient, or the tie of :func:`fastvae.dreg` for
             DReG (then ``x_hat`` must be decoded from that function's first output).
         reduction: 'mean' over datapoints, 'sum', or 'none' → ``[B]``.
@@ -141,16 +163,22 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
     likelihood = choice("likelihood", likelihood, LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
     _check_bound_args(x, x_hat, z, mu, logvar, prior_mu, prior_logvar, dreg)
+    if prior is not None:
+        if prior_mu is not None or prior_logvar is not None:
+            raise ValueError("give either a Gaussian prior (prior_mu, prior_logvar) or a "
+                             "mixture prior (prior), not both")
+        mixture.check_mixture(prior, mu.shape[1:])
     theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
                                        "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
     check_same_device(x=x, x_hat=x_hat, z=z, mu=mu, logvar=logvar, x_log_scale=theta,
-                      prior_mu=prior_mu, prior_logvar=prior_logvar, dreg=dreg)
+                      prior_mu=prior_mu, prior_logvar=prior_logvar, dreg=dreg,
+                      **({} if prior is None else prior._asdict()))
     if checking_values():
         check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat, z=z,
                      mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma,
                      x_logscale=x_logscale, scale=scale, prior_mu=prior_mu,
-                     prior_logvar=prior_logvar)
-    return _bound(x, x_hat, theta, const, z, (mu, logvar, prior_mu, prior_logvar), dreg,
+                     prior_logvar=prior_logvar, **({} if prior is None else prior._asdict()))
+    return _bound(x, (x_hat, theta, const), z, (mu, logvar, prior_mu, prior_logvar), dreg, prior,
                   likelihood, reduction).loss
 
 

@@ -387,3 +387,55 @@ def _op_args(backend, dtype=torch.float64, likelihood=0, log_scale=None, prior=N
 ], ids=str)
 def test_opcheck_iwae(backend, options):
     torch.library.opcheck(torch.ops.fastvae.iwae.default, _op_args(backend, **options))
+
+
+# ----------------------------------------------------------------------------------------------
+# a mixture-of-Gaussians prior in the bound
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_mixture_prior_matches_distributions(backend, estimator):
+    """log p(z) of a learned mixture in the log weights: the bound and the gradients of the
+    model and of the mixture's means, log-variances and logits against plain autograd."""
+    from torch import distributions as dist
+    model, x = _model_and_data(4)
+    g = generator(6)
+    components, latent = 4, 3
+    prior = fastvae.GaussianMixture(*(
+        torch.randn(shape, generator=g, dtype=torch.float64, device=TEST_DEVICE).requires_grad_()
+        for shape in ((components, latent), (components, latent), (components,))))
+    mu, logvar = model.encoder(x).chunk(2, -1)
+    z = fastvae.reparameterize(mu, logvar, n_samples=5, seed=3)
+    decoder_input, tie = fastvae.dreg(z) if estimator == "dreg" else (z, None)
+    loss = fastvae.iwae_loss(x, model.decoder(decoder_input), z, mu, logvar,
+                             likelihood="bernoulli", prior=prior, dreg=tie)
+    parameters = [*model.parameters(), *prior]
+    got = torch.autograd.grad(loss, parameters)
+
+    mixture = dist.MixtureSameFamily(dist.Categorical(logits=prior.logits), dist.Independent(
+        dist.Normal(prior.means, torch.exp(0.5 * prior.logvars)), 1))
+
+    def log_w(z, mu, logvar):
+        log_px = -F_bce(model.decoder(z), x)
+        return log_px + mixture.log_prob(z) - dist.Independent(
+            dist.Normal(mu, torch.exp(0.5 * logvar)), 1).log_prob(z)
+
+    mu, logvar = model.encoder(x).chunk(2, -1)
+    z = mu + torch.exp(0.5 * logvar) * ((z - mu) * torch.exp(-0.5 * logvar)).detach()
+    bound = lambda w: (torch.logsumexp(w, 0) - math.log(5)).mean()  # noqa: E731
+    if estimator == "iwae":
+        want = torch.autograd.grad(-bound(log_w(z, mu, logvar)), parameters)
+    else:
+        weights = log_w(z, mu.detach(), logvar.detach())
+        tilde = torch.softmax(weights, 0).detach()
+        encoder = list(model.encoder.parameters())
+        want = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(), encoder)
+        stopped = log_w(z.detach(), mu.detach(), logvar.detach())
+        want += torch.autograd.grad(-bound(stopped), [*model.decoder.parameters(), *prior])
+    torch.testing.assert_close(loss, -bound(log_w(z, mu, logvar)).detach(), rtol=1e-10, atol=1e-10)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=1e-8, atol=1e-11)
+
+
+def F_bce(logits, x):
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, x.expand_as(logits), reduction="none").sum(-1)
