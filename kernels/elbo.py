@@ -89,14 +89,13 @@ def _theta_partial_start(group, tile, n_samples, batch, event_size, THETA_FULL: 
 
 
 @triton.jit
-def _event_row(inputs, grads, nll_partial_ptr, grad_scale_ptr, row, tile, sample, event, valid,
-               theta_offset, sizes, theta_const, uniform_weight, LIKELIHOOD: tl.constexpr,
-               THETA_FULL: tl.constexpr, ACC: tl.constexpr):
-    """One row of an event tile: NLL partial, x and x̂ gradients stored; returns θ's gradient
-    summed over the dims θ is broadcast along (except B, which the caller handles)."""
-    batch, n_samples, event_size = sizes[0], sizes[1], sizes[2]
-    in_event = event < event_size
-    x = widen(tl.load(inputs[0] + row * event_size + event, mask=in_event, other=0.0), ACC)
+def _event_terms(inputs, row, sample, event, valid, theta_offset, sizes, theta_const,
+                 LIKELIHOOD: tl.constexpr, ACC: tl.constexpr):
+    """Loads x, x̂ and θ (``inputs[:3]``) of samples ``sample`` × events ``event`` of one row;
+    returns their ``terms`` (nll, ∂x, ∂x̂, ∂θ) and the offset of x̂ (and of its gradient)."""
+    batch, event_size = sizes[0], sizes[2]
+    x = widen(tl.load(inputs[0] + row * event_size + event, mask=event < event_size, other=0.0),
+              ACC)
     hat_offset = (sample * batch + row) * event_size + event
     x_hat = widen(tl.load(inputs[1] + hat_offset, mask=valid, other=0.0), ACC)
     if inputs[2] is None:
@@ -104,6 +103,19 @@ def _event_row(inputs, grads, nll_partial_ptr, grad_scale_ptr, row, tile, sample
     else:
         theta = widen(tl.load(inputs[2] + theta_offset, mask=valid, other=0.0), ACC)
     nll, d_x, d_x_hat, d_theta = terms(x, x_hat, theta, LIKELIHOOD)
+    return nll, d_x, d_x_hat, d_theta, hat_offset
+
+
+@triton.jit
+def _event_row(inputs, grads, nll_partial_ptr, grad_scale_ptr, row, tile, sample, event, valid,
+               theta_offset, sizes, theta_const, uniform_weight, LIKELIHOOD: tl.constexpr,
+               THETA_FULL: tl.constexpr, ACC: tl.constexpr):
+    """One row of an event tile: NLL partial, x and x̂ gradients stored; returns θ's gradient
+    summed over the dims θ is broadcast along (except B, which the caller handles)."""
+    batch, n_samples, event_size = sizes[0], sizes[1], sizes[2]
+    in_event = event < event_size
+    nll, d_x, d_x_hat, d_theta, hat_offset = _event_terms(
+        inputs, row, sample, event, valid, theta_offset, sizes, theta_const, LIKELIHOOD, ACC)
     # Masked lanes still carry θ's terms: sum only the valid ones.
     tl.store(nll_partial_ptr + tile * batch + row,
              tl.sum(tl.sum(tl.where(valid, nll, 0.0), axis=1), axis=0))
@@ -383,6 +395,18 @@ def _latent_blocks(batch: int, latent_size: int):
     return rows_l, block_l
 
 
+def _theta_layout(theta_shape, sizes, groups: int, event_tiles: int):
+    """θ's ``THETA_FULL`` (for each of S, B, D: whether θ ``[Sl, Bl, Dl]`` has that dim in
+    full; all for the constant) and the shape ``[G, T, Sl, Bl, Dl]`` of the partials its
+    gradient is summed in (G = groups where θ is broadcast over B, T = event tiles where over
+    D, else 1), () when the kernel writes the gradient itself."""
+    full = (True, True, True) if theta_shape is None else tuple(
+        n == size for n, size in zip(theta_shape, sizes))
+    partial = () if full[1] and full[2] else (1 if full[1] else groups,
+                                              1 if full[2] else event_tiles, *theta_shape)
+    return full, partial
+
+
 @functools.lru_cache(maxsize=512)
 def _plan(n_samples, batch, event_size, latent_size, theta_shape, prior_rows, free_bits, acc,
           programs) -> _Plan:
@@ -391,10 +415,8 @@ def _plan(n_samples, batch, event_size, latent_size, theta_shape, prior_rows, fr
     event_tiles = -(-event_size // block_d) if batch else 0
     latent_tiles = -(-latent_size // block_l) if batch else 0
     groups = min(batch, max(1, programs // max(event_tiles + latent_tiles, 1)))
-    full = (True, True, True) if theta_shape is None else tuple(
-        n == size for n, size in zip(theta_shape, (n_samples, batch, event_size)))
-    partial = () if full[1] and full[2] else (1 if full[1] else groups,
-                                              1 if full[2] else event_tiles, *theta_shape)
+    full, partial = _theta_layout(theta_shape, (n_samples, batch, event_size), groups,
+                                  event_tiles)
     latent_meta = dict(ROWS_L=rows_l, BLOCK_L=block_l)
     main = LaunchConfig(dict(BLOCK_S=block_s, BLOCK_D=block_d, **latent_meta), _WARPS)
     return _Plan(acc, groups, event_tiles, latent_tiles, full, partial, prior_rows == batch,

@@ -97,6 +97,36 @@ def losses(backend, compiler, every_config):
     compiler.every_config = False
 
 
+# (data dtype, latent dtype, log-scale layout, prior, likelihood, samples, DReG); 64 samples of
+# 3 features make the tiles 64 × 16 instead of 1 × 512.
+BOUNDS = [
+    (torch.float32, torch.float32, "SBD", "datapoint", "gaussian", 2, False),
+    (torch.bfloat16, torch.float32, "11D", "shared", "laplace", 2, True),
+    (torch.float16, torch.float16, "S11", None, "gaussian", 64, False),
+    (torch.float64, torch.float64, "1B1", "shared", "gaussian", 2, False),
+    (torch.float32, torch.bfloat16, None, "datapoint", "continuous_bernoulli", 64, True),
+    (torch.float64, torch.float32, None, None, "bernoulli", 2, False),
+]
+
+
+def bounds(backend):
+    """The importance-weighted bound: the loss's tensors, z and a log-weight offset (values do
+    not matter to a compile)."""
+    from op_args import elbo_args
+    for data, latents, layout, prior, likelihood, samples, dreg in BOUNDS:
+        features = 3 if samples > 2 else 300
+        args = elbo_args(batch=6, features=features, latent=5, samples=samples, dtype=data,
+                         latent_dtype=latents, log_scale=layout, prior=prior,
+                         likelihood=likelihood, grad_scale=True, reduction="none",
+                         device=torch.device("cpu"))
+        x, x_hat, theta, mu, logvar, prior_mu, prior_logvar = args.inputs.values()
+        z = mu.expand(samples, *mu.shape).contiguous()
+        offset = torch.zeros(samples, 6, dtype=args.grad_scale.dtype)
+        inputs = (x, x_hat, theta, z, mu, logvar, prior_mu, prior_logvar, offset)
+        backend.iwae(*inputs, args.grad_scale, int(args.likelihood), args.x_log_scale_const,
+                     int(args.reduction), dreg, [t is not None for t in inputs])
+
+
 def scaling(backend):
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -117,6 +147,7 @@ def main():
     if not options.every_config:
         sampling(backend)
         scaling(backend)
+        bounds(backend)
     losses(backend, compiler, options.every_config)
     print(len(compiler.compiled), "kernel variants compiled for sm_80 and sm_90")
 
