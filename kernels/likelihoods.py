@@ -37,11 +37,6 @@ _CB_TERMS_FLOAT32 = tl.constexpr(CB_TERMS[torch.float32])
 _CB_TERMS_FLOAT64 = tl.constexpr(CB_TERMS[torch.float64])
 
 
-def uses_log_scale(likelihood: int) -> bool:
-    """Whether θ enters the likelihood (the launcher skips loading it otherwise)."""
-    return likelihood in (Likelihood.GAUSSIAN, Likelihood.LAPLACE)
-
-
 @triton.jit
 def _log1p(t):
     """log(1 + t), accurate for small t without libdevice: log(u)·t/(u−1) with u = 1 + t."""
