@@ -44,7 +44,8 @@ class ElboOutputs(NamedTuple):
 
 _SLOTS = 7        # differentiable tensor inputs, gradient slot i = op input i
 _BETA = 7         # op input index of beta
-_ELBO_ARGS = 15   # op inputs including the trailing backend
+_CAPACITY = 8     # op input index of capacity (None, or a 0-dim tensor without gradient)
+_ELBO_ARGS = 16   # op inputs including the trailing backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +120,13 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> 
 @torch.library.custom_op("fastvae::elbo", mutates_args=())
 def elbo_op(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], mu: Tensor, logvar: Tensor,
             prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta: Tensor,
-            grad_scale: Optional[Tensor], likelihood: int, x_log_scale_const: float,
-            free_bits: float, reduction: int, needs_grad: List[bool], backend: str
+            capacity: Optional[Tensor], grad_scale: Optional[Tensor], likelihood: int,
+            x_log_scale_const: float, free_bits: float, reduction: int, needs_grad: List[bool],
+            backend: str
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                        Tensor, Tensor]:
     return tuple(backends.module(backend).elbo(
-        x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+        x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
         likelihood, x_log_scale_const, free_bits, reduction, needs_grad))
 
 
@@ -132,11 +134,11 @@ elbo_op.register_fake(_shapes.elbo)
 
 
 def _elbo_setup(ctx, inputs, output):
-    needs_grad, backend = inputs[13], inputs[14]
+    needs_grad, backend = inputs[14], inputs[15]
     # Only the loss carries gradient; without this autograd would fill zeros shaped like every
     # other output (the B×D gradient outputs among them) on each backward.
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.backend = inputs[12], backend
+    ctx.reduction, ctx.backend = inputs[13], backend
     ctx.eager = not isinstance(backend, str)
     ctx.first_upstream = None  # the upstream gradient of the first backward, once there was one
     # A gradient that could not be formed in forward (reduction 'none' with an input shared by
@@ -144,8 +146,8 @@ def _elbo_setup(ctx, inputs, output):
     ctx.deferred = any(ctx.needs_input_grad[i] and not needs_grad[i] for i in range(_SLOTS))
     kl_term = output[3]
     if ctx.deferred:
-        ctx.save_for_backward(*inputs[:_BETA + 1], kl_term)
-        ctx.options = inputs[9:12]  # likelihood, x_log_scale_const, free_bits
+        ctx.save_for_backward(*inputs[:_CAPACITY + 1], kl_term)
+        ctx.options = inputs[10:13]  # likelihood, x_log_scale_const, free_bits
     else:
         ctx.save_for_backward(inputs[_BETA], kl_term, *output[4:])
 
@@ -154,8 +156,8 @@ def _elbo_grad(ctx, grad_loss, *unused_grads):
     if grad_loss is None:  # the loss itself was not used; the other outputs carry no gradient
         return (None,) * _ELBO_ARGS
     if ctx.deferred:
-        *inputs, beta, kl_term = ctx.saved_tensors
-        grads = _recomputed_grads(ctx, inputs, beta, grad_loss)
+        *inputs, beta, capacity, kl_term = ctx.saved_tensors
+        grads = _recomputed_grads(ctx, inputs, beta, capacity, grad_loss)
     else:
         beta, kl_term, *saved = ctx.saved_tensors
         grads = _scaled_grads(ctx, saved, grad_loss)
@@ -163,16 +165,17 @@ def _elbo_grad(ctx, grad_loss, *unused_grads):
     if ctx.needs_input_grad[_BETA]:
         per_row = kl_term.mean() if ctx.reduction == Reduction.MEAN else kl_term
         grad_beta = (grad_loss * per_row).sum().to(beta.dtype)
+    # No gradient for capacity and the options (the API refuses a capacity requiring grad).
     return (*grads, grad_beta) + (None,) * (_ELBO_ARGS - _SLOTS - 1)
 
 
-def _recomputed_grads(ctx, inputs, beta, grad_loss):
+def _recomputed_grads(ctx, inputs, beta, capacity, grad_loss):
     batch = inputs[0].shape[0]
     rows = grad_loss.expand(batch).contiguous()
     if ctx.reduction == Reduction.MEAN:
         rows = rows / max(batch, 1)
     needs = [bool(n) for n in ctx.needs_input_grad[:_SLOTS]]
-    args = (*inputs, beta, rows, *ctx.options, int(Reduction.NONE), needs)
+    args = (*inputs, beta, capacity, rows, *ctx.options, int(Reduction.NONE), needs)
     out = ctx.backend.elbo(*args) if ctx.eager else elbo_op(*args, ctx.backend)
     return [g if need else None for g, need in zip(out[4:], needs)]
 
