@@ -74,10 +74,17 @@ void check_latents(const ElboArgs& a, const at::Device& device) {
   }
 }
 
+// A scalar the kernels read where it lies (beta, capacity): one floating element on the device.
+void check_scalar(const char* name, const at::Tensor& tensor, const at::Device& device) {
+  TORCH_CHECK(tensor.numel() == 1 && tensor.device() == device &&
+                  supported_dtype(tensor.scalar_type()),
+              kOp, name, " must be a one-element floating tensor on ", device, ", got ",
+              tensor.sizes(), " ", tensor.scalar_type(), " on ", tensor.device());
+}
+
 void check_weights(const ElboArgs& a, const at::Device& device) {
-  TORCH_CHECK(a.beta->numel() == 1 && a.beta->device() == device &&
-                  supported_dtype(a.beta->scalar_type()),
-              kOp, "beta must be a one-element floating tensor on ", device);
+  check_scalar("beta", *a.beta, device);
+  if (a.capacity) check_scalar("capacity", *a.capacity, device);
   if (a.grad_scale) {
     check_tensor("grad_scale", *a.grad_scale, 1, device);
     check_sizes("grad_scale", *a.grad_scale, {a.batch}, false);
@@ -127,6 +134,7 @@ ElboArgs make_elbo_args(const at::Tensor& x, const at::Tensor& x_hat,
                         const std::optional<at::Tensor>& x_log_scale, const at::Tensor& mu,
                         const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                         const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
+                        const std::optional<at::Tensor>& capacity,
                         const std::optional<at::Tensor>& grad_scale, int64_t likelihood,
                         double x_log_scale_const, double free_bits, int64_t reduction,
                         std::array<bool, kInputCount> needs_grad) {
@@ -135,9 +143,10 @@ ElboArgs make_elbo_args(const at::Tensor& x, const at::Tensor& x_hat,
               x_hat.sizes(), " and ", mu.sizes());
   ElboArgs args{&x, &x_hat, optional_pointer(x_log_scale), &mu, &logvar,
                 optional_pointer(prior_mu), optional_pointer(prior_logvar), &beta,
-                optional_pointer(grad_scale), static_cast<Likelihood>(likelihood),
-                x_log_scale_const, free_bits, static_cast<Reduction>(reduction), needs_grad,
-                x_hat.size(0), x.size(0), x.size(1), mu.size(1)};
+                optional_pointer(capacity), optional_pointer(grad_scale),
+                static_cast<Likelihood>(likelihood), x_log_scale_const, free_bits,
+                static_cast<Reduction>(reduction), needs_grad, x_hat.size(0), x.size(0),
+                x.size(1), mu.size(1)};
   args.accumulation = accumulation_dtype({&x, &x_hat, args.x_log_scale, &mu});
   check_elbo_args(args);
   return args;

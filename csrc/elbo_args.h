@@ -35,6 +35,9 @@ struct ElboArgs {
   const at::Tensor* prior_mu;      // [Bp, d] with Bp 1 or B, mu's dtype; null: N(0, I)
   const at::Tensor* prior_logvar;  // prior_mu's shape and dtype; null exactly when prior_mu is
   const at::Tensor* beta;          // one element: the KL weight, read where it lies (no sync)
+  // One element: the KL capacity C (Burgess et al. 2018), read where it lies; null: none. With
+  // it, kl_term[b] = |KL_fb[b] - C| and row b's latent gradients take sign(KL_fb[b] - C).
+  const at::Tensor* capacity;
   const at::Tensor* grad_scale;    // [B] weights w_b of the rows in the gradient; null: uniform
   Likelihood likelihood;           // which per-element NLL (likelihoods.h)
   double x_log_scale_const;        // θ everywhere when x_log_scale is null
@@ -72,6 +75,7 @@ ElboArgs make_elbo_args(const at::Tensor& x, const at::Tensor& x_hat,
                         const std::optional<at::Tensor>& x_log_scale, const at::Tensor& mu,
                         const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                         const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
+                        const std::optional<at::Tensor>& capacity,
                         const std::optional<at::Tensor>& grad_scale, int64_t likelihood,
                         double x_log_scale_const, double free_bits, int64_t reduction,
                         std::array<bool, kInputCount> needs_grad);
@@ -89,12 +93,13 @@ ElboTuple elbo_op(const at::Tensor& x, const at::Tensor& x_hat,
                   const std::optional<at::Tensor>& x_log_scale, const at::Tensor& mu,
                   const at::Tensor& logvar, const std::optional<at::Tensor>& prior_mu,
                   const std::optional<at::Tensor>& prior_logvar, const at::Tensor& beta,
+                  const std::optional<at::Tensor>& capacity,
                   const std::optional<at::Tensor>& grad_scale, int64_t likelihood,
                   double x_log_scale_const, double free_bits, int64_t reduction,
                   std::array<bool, kInputCount> needs_grad) {
   return Impl(make_elbo_args(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta,
-                             grad_scale, likelihood, x_log_scale_const, free_bits, reduction,
-                             needs_grad))
+                             capacity, grad_scale, likelihood, x_log_scale_const, free_bits,
+                             reduction, needs_grad))
       .as_tuple();
 }
 

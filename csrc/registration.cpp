@@ -8,8 +8,9 @@ TORCH_LIBRARY(fastvae_native, m) {
   m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed, int n_samples, "
         "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
   m.def("elbo(Tensor x, Tensor x_hat, Tensor? x_log_scale, Tensor mu, Tensor logvar, "
-        "Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, Tensor? grad_scale, int likelihood, "
-        "float x_log_scale_const, float free_bits, int reduction, bool[7] needs_grad) -> "
+        "Tensor? prior_mu, Tensor? prior_logvar, Tensor beta, Tensor? capacity, "
+        "Tensor? grad_scale, int likelihood, float x_log_scale_const, float free_bits, "
+        "int reduction, bool[7] needs_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_(Tensor(a!)[] grads, Tensor upstream) -> ()");
   // Private, for the tests' noise-stream probe: a [4, count] float32 tensor whose column c holds

@@ -203,12 +203,13 @@ class IwaeOutputs(NamedTuple):
 
 def _elbo(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], mu: Tensor, logvar: Tensor,
           prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta: Tensor,
-          grad_scale: Optional[Tensor], likelihood: int, x_log_scale_const: float,
-          free_bits: float, reduction: int, needs_grad: List[bool], backend: str
+          capacity: Optional[Tensor], grad_scale: Optional[Tensor], likelihood: int,
+          x_log_scale_const: float, free_bits: float, reduction: int, needs_grad: List[bool],
+          backend: str
           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                      Tensor, Tensor]:
     return tuple(backends.module(backend).elbo(
-        x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+        x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
         likelihood, x_log_scale_const, free_bits, reduction, needs_grad))
 
 
@@ -272,7 +273,8 @@ def _loss_setup(spec: _LossOp, ctx, inputs, output):
     # A gradient that could not be formed in forward (reduction 'none' with an input shared by
     # every datapoint) is recomputed in backward with the upstream gradient as row weights.
     ctx.deferred = any(ctx.needs_input_grad[i] and not needs_grad[i] for i in range(spec.slots))
-    # The ELBO's β gets its gradient from the KL term of each row.
+    # The ELBO's β gets its gradient from the KL term of each row (|KL − C| with a capacity,
+    # which itself gets none: the API refuses a capacity that requires grad).
     kl_term = output[3] if spec.beta is not None else None
     if ctx.deferred:
         ctx.save_for_backward(kl_term, *inputs[:spec.grad_scale])

@@ -15,7 +15,7 @@ def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logva
                  for needed in (need_mu, need_logvar))
 
 
-def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
          likelihood, x_log_scale_const, free_bits, reduction, needs_grad, *backend):
     """Empty outputs shaped as the loss op's: (loss, nll, kl, kl_term, *grads)."""
     inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)

@@ -2,6 +2,7 @@
 few attribute reads and comparisons, because they run on every call. Checks of the values
 themselves read the data back (a device sync), so they run only in the value-checking mode."""
 import contextlib
+import math
 import numbers
 
 import torch
@@ -76,6 +77,24 @@ def check_beta(beta):
                              f"{tuple(beta.shape)}")
     else:
         check_real("beta", beta, minimum=0.0)
+
+
+def check_capacity(capacity):
+    """None, a finite real ≥ 0, or a 0-dim floating tensor that does not require grad."""
+    if capacity is None:
+        return
+    if isinstance(capacity, torch.Tensor):
+        check_float_tensor("capacity", capacity)
+        if capacity.dim() != 0:
+            raise ValueError(f"capacity must be a float or a 0-dim tensor, got shape "
+                             f"{tuple(capacity.shape)}")
+        if capacity.requires_grad:
+            raise ValueError("capacity must not require grad: its gradient is not implemented "
+                             "(pass capacity.detach())")
+        return
+    check_real("capacity", capacity, minimum=0.0)
+    if math.isinf(capacity):
+        raise ValueError(f"capacity must be finite, got {capacity}")
 
 
 def check_positive(name, value):

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from . import _ops
 from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
-from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_data,
-                          check_float_tensor, check_latents, check_n_samples, check_positive,
-                          check_real, check_same_device, check_seed, check_values,
-                          checking_values, choice)
+from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to,
+                          check_capacity, check_data, check_float_tensor, check_latents,
+                          check_n_samples, check_positive, check_real, check_same_device,
+                          check_seed, check_values, checking_values, choice)
 
 
 class ELBOTerms(NamedTuple):
@@ -85,6 +85,7 @@ def _constant(value: float, dtype, device) -> Tensor:
 
 
 def _beta_tensor(beta, device, dtype) -> Tensor:
+    """β (or the capacity C), a float or a 0-dim tensor, as a 0-dim tensor in the loss dtype."""
     if isinstance(beta, Tensor):
         return beta if beta.dtype == dtype and beta.device == device else beta.to(device, dtype)
     return _constant(float(beta), dtype, device)
@@ -177,7 +178,8 @@ _UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
 _ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op input
 
 
-def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction):
+def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction,
+           capacity=None):
     """Normalise shapes and run the loss op. ``x_hat`` is ``[S, *x.shape]``, ``latents`` the
     four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the op's outputs."""
     x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
@@ -186,9 +188,10 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
     needs_grad = _gradients_wanted((x, x_hat, theta) + tuple(latents), inputs, _ROW_DIMS,
                                    reduction)
     loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
-    return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), None, int(likelihood),
-                     float(theta_const), float(free_bits), int(reduction), needs_grad,
-                     device=x.device)
+    capacity = None if capacity is None else _beta_tensor(capacity, x.device, loss_dtype)
+    return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), capacity, None,
+                     int(likelihood), float(theta_const), float(free_bits), int(reduction),
+                     needs_grad, device=x.device)
 
 
 def _nll(x, x_hat, theta, theta_const, likelihood, reduction):
@@ -326,8 +329,9 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
               x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
-              reduction: str = "mean", return_terms: bool = False):
-    """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass.
+              reduction: str = "mean", return_terms: bool = False, capacity=None):
+    """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass; with a capacity C,
+    ``NLL + beta * |KL − C|`` (Burgess et al. 2018).
 
     Args:
         x: data ``[B, *event]``.
@@ -345,6 +349,11 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
         prior_mu, prior_logvar: a diagonal Gaussian prior broadcasting to ``mu`` (default N(0, I)).
         reduction: 'mean' over datapoints (nats per datapoint), 'sum', or 'none' → ``[B]``.
         return_terms: also return the detached ``nll`` and ``kl`` (analytic, before free bits).
+        capacity: None, or C ≥ 0 nats as a float or a 0-dim tensor without grad (a tensor lets
+            an annealed C change without recompiles): each datapoint's KL term becomes
+            ``|KL_b − C|`` (KL_b after free bits) before the reduction, as in pythae's
+            DisentangledBetaVAE. AntixK's BetaVAE ('B' loss) instead takes ``|·|`` of the
+            batch-mean KL, which differs when datapoints lie on both sides of C.
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
@@ -356,6 +365,7 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
         raise ValueError(f"mu must be [B, *latent] with B = {x.shape[0]} (x's first dim), got "
                          f"{tuple(mu.shape)}")
     check_beta(beta)
+    check_capacity(capacity)
     check_real("free_bits", free_bits, minimum=0.0)
     theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
                                        "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
@@ -364,11 +374,12 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     if checking_values():
         check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat,
                      mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma, x_logscale=x_logscale,
-                     scale=scale, beta=beta, prior_mu=prior_mu, prior_logvar=prior_logvar)
+                     scale=scale, beta=beta, capacity=capacity, prior_mu=prior_mu,
+                     prior_logvar=prior_logvar)
     if x_hat.dim() == x.dim():
         x_hat = x_hat.unsqueeze(0)
     out = _fused(x, x_hat, theta, const, (mu, logvar, prior_mu, prior_logvar), beta, free_bits,
-                 likelihood, reduction)
+                 likelihood, reduction, capacity)
     if not return_terms:
         return out.loss
     return ELBOTerms(out.loss, reduce_rows(out.nll, reduction).detach(),

@@ -13,8 +13,12 @@ Work layout (all reductions deterministic: fixed partial buffers summed in a fix
   per event tile. The launcher sums those partials over groups and tiles.
 * Free bits need the batch-mean KL of every latent dim before the loss: ``_kl_column_kernel``
   writes per-group column sums first, which the latent tiles add up in group order.
-* ``_elbo_rows_kernel`` adds the per-tile partials of every row into nll, kl, kl_term and
-  ``nll + β·kl_term``.
+* A KL capacity C turns a row's KL weight into ``β·w_b·sign(KL_fb[b] − C)``, known only once
+  the row's KL is summed: when latent gradients are wanted, ``_kl_row_kernel`` first forms
+  KL_fb per row (after the free-bits columns), and the latent tiles read their rows' signs
+  from it. Without a capacity no such launch happens.
+* ``_elbo_rows_kernel`` adds the per-tile partials of every row into nll, kl, kl_term (with a
+  capacity ``|KL_fb − C|``) and ``nll + β·kl_term``.
 
 The kernels take the seven inputs and the seven gradient targets as tuples in slot order
 (``fastvae._common.INPUTS``); a None entry is absent (an input) or not wanted (a gradient), and
@@ -225,19 +229,60 @@ def _kl_column_kernel(inputs, kl_columns_ptr, sizes, PRIOR_PER_ROW: tl.constexpr
 
 
 @triton.jit
-def _active_dims(kl_columns_ptr, latent, in_latent, batch, latent_size, floor,
+def _active_dims(kl_columns_ptr, latent, in_latent, batch, latent_size, floor, groups,
                  ACC: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Free bits: the latent dims whose batch-mean KL reaches the floor (all without)."""
+    """Free bits: the latent dims whose batch-mean KL reaches the floor (all without), from
+    the column sums of ``groups`` row groups."""
     column_sum = tl.zeros((1, BLOCK_L), ACC)
     if kl_columns_ptr is not None:
-        for column_group in range(tl.num_programs(0)):  # in group order on every program
+        for column_group in range(groups):  # in group order on every program
             column_sum += tl.load(kl_columns_ptr + tl.cast(column_group, tl.int64) * latent_size
                                   + latent, mask=in_latent, other=0.0)
     return column_sum / batch >= floor
 
 
 @triton.jit
-def _latent_rows(inputs, grads, partials, grad_scale_ptr, row_block, tile, latent, in_latent,
+def _kl_term_sums(kl, valid, active, floor):
+    """Per row of a latent tile, the KL term after free bits (a clamped dim counts the floor)."""
+    return tl.sum(tl.where(valid, tl.where(active, kl, floor), 0.0), axis=1, keep_dims=True)
+
+
+@triton.jit
+def _kl_row_kernel(inputs, kl_columns_ptr, kl_fb_ptr, sizes, free_bits: tl.float64, groups,
+                   PRIOR_PER_ROW: tl.constexpr, ACC: tl.constexpr, ROWS_L: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """The capacity pre-pass: KL_fb ``[B]``, the KL after free bits of ``ROWS_L`` rows per
+    program, summed over latent tiles in tile order as ``_elbo_rows_kernel`` sums them."""
+    batch, latent_size = sizes[0], sizes[3]
+    row = tl.program_id(0).to(tl.int64) * ROWS_L + tl.arange(0, ROWS_L)[:, None]
+    in_batch = row < batch
+    floor = tl.full((), free_bits, ACC)
+    total = tl.zeros((ROWS_L, 1), ACC)
+    for tile in range(tl.cdiv(latent_size, BLOCK_L)):
+        latent = tl.cast(tile, tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+        in_latent = latent < latent_size
+        active = _active_dims(kl_columns_ptr, latent, in_latent, batch, latent_size, floor,
+                              groups, ACC, BLOCK_L)
+        valid = in_batch & in_latent
+        kl = _latent_kl(inputs, row, latent, latent_size, valid, PRIOR_PER_ROW, ACC)[0]
+        total += _kl_term_sums(kl, valid, active, floor)
+    tl.store(kl_fb_ptr + row, total, mask=in_batch)
+
+
+@triton.jit
+def _capacity_sign(weights, row, in_batch, ACC: tl.constexpr):
+    """sign(KL_fb[b] − C) per row from ``weights`` = (grad_scale, C, KL_fb); 1 without KL_fb."""
+    if weights[2] is None:
+        sign = tl.full((), 1.0, ACC)
+    else:
+        excess = (tl.load(weights[2] + row, mask=in_batch, other=0.0)
+                  - widen(tl.load(weights[1]), ACC))
+        sign = (excess > 0).to(ACC) - (excess < 0).to(ACC)
+    return sign
+
+
+@triton.jit
+def _latent_rows(inputs, grads, partials, weights, row_block, tile, latent, in_latent,
                  active, beta, floor, sizes, uniform_weight, PRIOR_PER_ROW: tl.constexpr,
                  ACC: tl.constexpr, ROWS_L: tl.constexpr):
     """``ROWS_L`` rows of a latent tile: KL partials and KL gradients stored; returns the
@@ -251,10 +296,10 @@ def _latent_rows(inputs, grads, partials, grad_scale_ptr, row_block, tile, laten
     kl = tl.where(valid, kl, 0.0)
     partial_offset = tile * batch + row
     tl.store(partials[1] + partial_offset, tl.sum(kl, axis=1, keep_dims=True), mask=in_batch)
-    weight = beta * _row_weight(grad_scale_ptr, row, in_batch, uniform_weight, ACC)
+    weight = beta * _row_weight(weights[0], row, in_batch, uniform_weight, ACC)
+    weight = weight * _capacity_sign(weights, row, in_batch, ACC)
     if partials[2] is not None:  # free bits: a clamped dim counts the floor and has no gradient
-        kl_term = tl.where(valid, tl.where(active, kl, floor), 0.0)
-        tl.store(partials[2] + partial_offset, tl.sum(kl_term, axis=1, keep_dims=True),
+        tl.store(partials[2] + partial_offset, _kl_term_sums(kl, valid, active, floor),
                  mask=in_batch)
         weight = weight * active.to(ACC)
     offset = row * latent_size + latent
@@ -270,7 +315,7 @@ def _latent_rows(inputs, grads, partials, grad_scale_ptr, row_block, tile, laten
 
 
 @triton.jit
-def _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group, tile, sizes,
+def _latent_tile(inputs, grads, partials, beta_ptr, weights, group, tile, sizes,
                  free_bits, uniform_weight, PRIOR_PER_ROW: tl.constexpr, ACC: tl.constexpr,
                  ROWS_L: tl.constexpr, BLOCK_L: tl.constexpr):
     batch, latent_size = sizes[0], sizes[3]
@@ -279,13 +324,13 @@ def _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group, tile,
     in_latent = latent < latent_size
     beta = widen(tl.load(beta_ptr), ACC)
     floor = tl.full((), free_bits, ACC)
-    active = _active_dims(partials[3], latent, in_latent, batch, latent_size, floor, ACC,
-                          BLOCK_L)
+    active = _active_dims(partials[3], latent, in_latent, batch, latent_size, floor,
+                          tl.num_programs(0), ACC, BLOCK_L)
     prior_mu_columns = tl.zeros((1, BLOCK_L), ACC)  # summed over rows when Bp = 1
     prior_logvar_columns = tl.zeros((1, BLOCK_L), ACC)
     for row_block in range(group, tl.cdiv(batch, ROWS_L), tl.num_programs(0)):
         grad_prior_mu, grad_prior_logvar = _latent_rows(
-            inputs, grads, partials, grad_scale_ptr, row_block, tile, latent, in_latent, active,
+            inputs, grads, partials, weights, row_block, tile, latent, in_latent, active,
             beta, floor, sizes, uniform_weight, PRIOR_PER_ROW, ACC, ROWS_L)
         if not PRIOR_PER_ROW:
             prior_mu_columns += grad_prior_mu
@@ -301,22 +346,23 @@ def _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group, tile,
 # ----------------------------------------------------------------------------------------------
 @tunable(key=["sizes"], candidates=warp_stage_candidates())
 @triton.jit
-def _elbo_kernel(inputs, grads, partials, beta_ptr, grad_scale_ptr, sizes,
+def _elbo_kernel(inputs, grads, partials, beta_ptr, weights, sizes,
                  theta_const: tl.float64, free_bits: tl.float64, uniform_weight: tl.float64,
                  LIKELIHOOD: tl.constexpr, THETA_FULL: tl.constexpr, PRIOR_PER_ROW: tl.constexpr,
                  ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  ROWS_L: tl.constexpr, BLOCK_L: tl.constexpr):
     """``inputs``, ``grads``: 7-tuples in slot order (see the module docstring); ``partials``:
     (nll_partial, kl_partial, kl_term_partial, kl_columns), the last two None without free
-    bits; ``sizes``: (B, S, D, d)."""
+    bits; ``weights``: (grad_scale, capacity, kl_fb), None where absent (KL_fb, from
+    ``_kl_row_kernel``, only with a capacity and latent gradients); ``sizes``: (B, S, D, d)."""
     group = tl.program_id(0)
     tile = tl.program_id(1)
     event_tiles = tl.cdiv(sizes[2], BLOCK_D)
     if tile < event_tiles:
-        _event_tile(inputs, grads, partials[0], grad_scale_ptr, group, tile, sizes, theta_const,
+        _event_tile(inputs, grads, partials[0], weights[0], group, tile, sizes, theta_const,
                     uniform_weight, LIKELIHOOD, THETA_FULL, ACC, BLOCK_S, BLOCK_D)
     else:
-        _latent_tile(inputs, grads, partials, beta_ptr, grad_scale_ptr, group,
+        _latent_tile(inputs, grads, partials, beta_ptr, weights, group,
                      tile - event_tiles, sizes, free_bits, uniform_weight, PRIOR_PER_ROW, ACC,
                      ROWS_L, BLOCK_L)
 
@@ -332,9 +378,10 @@ def _sum_partials(partial_ptr, row, valid, batch, num_tiles, ACC: tl.constexpr):
 
 
 @triton.jit
-def _elbo_rows_kernel(rows, partials, beta_ptr, batch, n_samples, event_tiles, latent_tiles,
-                      ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``rows`` = (loss, nll, kl, kl_term), each ``[B]``; ``partials`` as ``_elbo_kernel``'s."""
+def _elbo_rows_kernel(rows, partials, beta_ptr, capacity_ptr, batch, n_samples, event_tiles,
+                      latent_tiles, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``rows`` = (loss, nll, kl, kl_term), each ``[B]``; ``partials`` as ``_elbo_kernel``'s;
+    ``capacity_ptr`` C or None."""
     row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = row < batch
     nll = _sum_partials(partials[0], row, valid, batch, event_tiles, ACC) / n_samples
@@ -343,6 +390,8 @@ def _elbo_rows_kernel(rows, partials, beta_ptr, batch, n_samples, event_tiles, l
         kl_term = kl
     else:
         kl_term = _sum_partials(partials[2], row, valid, batch, latent_tiles, ACC)
+    if capacity_ptr is not None:
+        kl_term = tl.abs(kl_term - widen(tl.load(capacity_ptr), ACC))
     tl.store(rows[1] + row, nll, mask=valid)
     tl.store(rows[2] + row, kl, mask=valid)
     tl.store(rows[3] + row, kl_term, mask=valid)
@@ -459,27 +508,41 @@ def _partials(plan, batch, latent_size, device):
             scratch(plan.groups, latent_size) if free_bits else None)
 
 
-def _launch_tiles(plan, inputs, targets, partials, beta, grad_scale, sizes, likelihood,
+def _capacity_rows(plan, capacity, needs_grad, batch, device):
+    """KL_fb's buffer for the capacity pre-pass: only with a capacity and a latent gradient to
+    sign (a latent tile runs only when there are rows and latent dims)."""
+    if capacity is None or not plan.latent_tiles or not any(needs_grad[3:]):
+        return None
+    return torch.empty(batch, dtype=plan.acc, device=device)
+
+
+def _launch_tiles(plan, inputs, targets, partials, beta, weights, sizes, likelihood,
                   theta_const, free_bits, uniform_weight):
     grid = (plan.groups, plan.event_tiles + plan.latent_tiles)
     if plan.free_bits:
         launch(_kl_column_kernel, (plan.groups, plan.latent_tiles), plan.latent, inputs,
                partials[3], sizes, PRIOR_PER_ROW=plan.prior_per_row, ACC=plan.acc_type)
-    launch(_elbo_kernel, grid, plan.main, inputs, targets, partials, beta, grad_scale, sizes,
+    if weights[2] is not None:
+        row_blocks = -(-sizes[0] // plan.latent.meta["ROWS_L"])
+        launch(_kl_row_kernel, (row_blocks,), plan.latent, inputs, partials[3], weights[2],
+               sizes, float(free_bits), plan.groups, PRIOR_PER_ROW=plan.prior_per_row,
+               ACC=plan.acc_type)
+    launch(_elbo_kernel, grid, plan.main, inputs, targets, partials, beta, weights, sizes,
            float(theta_const), float(free_bits), uniform_weight, LIKELIHOOD=int(likelihood),
            THETA_FULL=plan.theta_full, PRIOR_PER_ROW=plan.prior_per_row, ACC=plan.acc_type)
 
 
-def _rows(plan, partials, beta, batch, n_samples, device):
+def _rows(plan, partials, beta, capacity, batch, n_samples, device):
     """(loss, nll, kl, kl_term) per datapoint, from the per-tile partials."""
     rows = tuple(torch.empty(batch, dtype=plan.acc, device=device) for _ in range(4))
     if batch:
         launch(_elbo_rows_kernel, (-(-batch // _ROWS_BLOCK),), _ROWS_CONFIG, rows, partials,
-               beta, batch, n_samples, plan.event_tiles, plan.latent_tiles, ACC=plan.acc_type)
+               beta, capacity, batch, n_samples, plan.event_tiles, plan.latent_tiles,
+               ACC=plan.acc_type)
     return rows
 
 
-def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
          likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
     """The fused loss; arguments, shapes and outputs as the reference backend's ``elbo``."""
     inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
@@ -492,11 +555,13 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
     needs_grad = [bool(need) for need in needs_grad]
     targets = _gradient_targets(inputs, needs_grad, plan)
     partials = _partials(plan, batch, mu.shape[1], x.device)
+    weights = (grad_scale, capacity, _capacity_rows(plan, capacity, needs_grad, batch, x.device))
     if plan.groups and (plan.event_tiles or plan.latent_tiles):
         uniform_weight = 1.0 / batch if reduction == Reduction.MEAN else 1.0
-        _launch_tiles(plan, inputs, targets, partials, beta, grad_scale, sizes, likelihood,
+        _launch_tiles(plan, inputs, targets, partials, beta, weights, sizes, likelihood,
                       x_log_scale_const, free_bits, uniform_weight)
-    loss_rows, nll, kl, kl_term = _rows(plan, partials, beta, batch, n_samples, x.device)
+    loss_rows, nll, kl, kl_term = _rows(plan, partials, beta, capacity, batch, n_samples,
+                                        x.device)
     grads = [_gradient(tensor, target, need, slot, plan, x)
              for slot, (tensor, target, need) in enumerate(zip(inputs, targets, needs_grad))]
     return (reduce_rows(loss_rows, reduction), nll, kl, kl_term, *grads)

@@ -1,7 +1,7 @@
 """The one builder of the loss op's arguments for tests that call an op or a backend directly.
 
 The registered op ``torch.ops.fastvae.elbo`` takes, in order, the 7 differentiable tensors of
-``fastvae._common.INPUTS`` (op input i is gradient slot i), then ``beta, grad_scale,
+``fastvae._common.INPUTS`` (op input i is gradient slot i), then ``beta, capacity, grad_scale,
 likelihood, x_log_scale_const, free_bits, reduction, needs_grad`` and a trailing backend name;
 a backend's ``elbo`` and ``torch.ops.fastvae_native.elbo`` take the same without the name.
 Both return the 11 tensors of ``OUTPUTS``.
@@ -30,10 +30,11 @@ class ElboArgs:
     free_bits: float
     reduction: Reduction
     needs_grad: list
+    capacity: Optional[torch.Tensor] = None
 
     def backend_args(self) -> tuple:
         """The arguments of a backend's ``elbo`` and of ``torch.ops.fastvae_native.elbo``."""
-        return (*(self.inputs[name] for name in INPUTS), self.beta, self.grad_scale,
+        return (*(self.inputs[name] for name in INPUTS), self.beta, self.capacity, self.grad_scale,
                 int(self.likelihood), float(self.x_log_scale_const), float(self.free_bits),
                 int(self.reduction), list(self.needs_grad))
 
@@ -60,7 +61,7 @@ def elbo_args(*, batch=5, features=6, latent=3, samples=2, dtype=torch.float32, 
               latent_dtype=None, log_scale="SBD", prior=None, likelihood="gaussian",
               reduction="mean", free_bits=0.0, grad_scale=None, beta=0.7, beta_grad=False,
               needs="all", requires_grad=False, x_requires_grad=True, x_log_scale_const=-0.3,
-              seed=0, device=None) -> ElboArgs:
+              capacity=None, seed=0, device=None) -> ElboArgs:
     """Arguments of the loss op for ``x [B, D]``, ``x_hat [S, B, D]``, ``mu [B, d]``.
 
     log_scale: None (the constant ``x_log_scale_const``) or a layout of ``[Sl, Bl, Dl]``
@@ -68,6 +69,7 @@ def elbo_args(*, batch=5, features=6, latent=3, samples=2, dtype=torch.float32, 
         'SBD', '1BD', '11D', 'S11', '111', ...
     prior: None | 'shared' (``[1, d]``) | 'datapoint' (``[B, d]``).
     grad_scale: None, or True for random per-row weights in the loss dtype.
+    capacity: None, or a float C, passed as a 0-dim tensor in the loss dtype.
     needs: 'all' (every tensor given), 'api' (what the public API passes: the tensors that
         require grad, and under reduction NONE only those with one row per datapoint), or a
         list of 7 bools.
@@ -105,8 +107,10 @@ def elbo_args(*, batch=5, features=6, latent=3, samples=2, dtype=torch.float32, 
     beta = torch.tensor(beta, dtype=loss_dtype, device=device, requires_grad=beta_grad)
     if grad_scale is True:
         grad_scale = torch.rand(batch, generator=g, dtype=torch.float64, device=device).to(loss_dtype)
+    if capacity is not None:
+        capacity = torch.tensor(capacity, dtype=loss_dtype, device=device)
     return ElboArgs(inputs, beta, grad_scale, likelihood, x_log_scale_const, free_bits, reduction,
-                    _needs(needs, inputs, reduction, batch, x_requires_grad))
+                    _needs(needs, inputs, reduction, batch, x_requires_grad), capacity)
 
 
 def _spread(latent, device):

@@ -54,22 +54,30 @@ def kl_rows(mu, logvar, prior_mu=None, prior_logvar=None):
     return kl_elements(mu, logvar, prior_mu, prior_logvar).flatten(start_dim=1).sum(-1)
 
 
+def kl_free_bits_rows(mu, logvar, prior_mu=None, prior_logvar=None, free_bits=0.0):
+    """[B]: the KL after free bits. A latent dim whose batch-mean KL is below λ (strictly)
+    contributes λ: at exactly λ it is active."""
+    kl_el = kl_elements(mu, logvar, prior_mu, prior_logvar).flatten(start_dim=1)
+    if free_bits <= 0:
+        return kl_el.sum(-1)
+    active = kl_el.mean(0) >= free_bits
+    return torch.where(active, kl_el, torch.full_like(kl_el, free_bits)).sum(-1)
+
+
 def reduce(rows, reduction):
     return {"none": rows, "mean": rows.mean(), "sum": rows.sum()}[reduction]
 
 
 def elbo_loss(x, x_hat, mu, logvar, likelihood="gaussian", x_logvar=None, sigma=None,
               x_logscale=None, scale=None, beta=1.0, free_bits=0.0, prior_mu=None,
-              prior_logvar=None, reduction="mean"):
-    """(loss, nll, kl) reduced alike; kl is the analytic KL before free bits. A latent dim whose
-    batch-mean KL is below λ (strictly) contributes λ: at exactly λ it is active."""
+              prior_logvar=None, reduction="mean", capacity=None):
+    """(loss, nll, kl) reduced alike; kl is the analytic KL before free bits. With a capacity C
+    the KL term of each datapoint is |KL_fb − C| (before the reduction)."""
     nll = nll_rows(x, x_hat, likelihood, x_logvar, sigma, x_logscale, scale)
-    kl_el = kl_elements(mu, logvar, prior_mu, prior_logvar).flatten(start_dim=1)
-    kl = kl_el.sum(-1)
-    kl_term = kl
-    if free_bits > 0:
-        active = kl_el.mean(0) >= free_bits
-        kl_term = torch.where(active, kl_el, torch.full_like(kl_el, free_bits)).sum(-1)
+    kl = kl_rows(mu, logvar, prior_mu, prior_logvar)
+    kl_term = kl_free_bits_rows(mu, logvar, prior_mu, prior_logvar, free_bits)
+    if capacity is not None:
+        kl_term = (kl_term - capacity).abs()
     loss = nll + beta * kl_term
     return reduce(loss, reduction), reduce(nll, reduction), reduce(kl, reduction)
 

@@ -33,10 +33,7 @@ void reduce_loss(const ElboArgs& args, const ElboOutputs& out, acc_t beta) {
 
 template <typename acc_t>
 void elbo_kernel(const ElboArgs& args, const ElboOutputs& out) {
-  // beta is read from memory, so the op dispatches no host-read op.
-  acc_t converted_beta;
-  const acc_t beta = *load_tile(args.beta->const_data_ptr(), args.beta->scalar_type(), 1,
-                                &converted_beta);
+  const acc_t beta = read_scalar<acc_t>(*args.beta);
   const at::Tensor weights = row_weights<acc_t>(args, out.nll.options());
   const at::Tensor kl_weights = weights * beta;
   nll_pass<acc_t>(args, out, weights.const_data_ptr<acc_t>(), out.nll.mutable_data_ptr<acc_t>());

@@ -1,5 +1,7 @@
 // The KL pass on the CPU: mu, logvar [B, d]; prior_mu, prior_logvar [Bp, d] (Bp 1 or B) or the
-// standard normal. Forms kl[b], the free-bits kl_term[b] and the latent gradients.
+// standard normal. Forms kl[b], the free-bits kl_term[b] and the latent gradients; with a KL
+// capacity C, kl_term[b] = |KL_fb[b] - C| and the gradients of row b take sign(KL_fb[b] - C),
+// known only once the row is summed: a pre-pass without gradient targets forms KL_fb first.
 #include "../elementwise.h"
 #include "loops.h"
 #include "passes.h"
@@ -220,6 +222,30 @@ void store_prior_grads(const KlProblem& p, const at::Tensor& prior_partials) {
   }
 }
 
+bool wants_gradients(const KlProblem& p) {
+  for (const MutableData& grad : p.grads) {
+    if (grad.data) return true;
+  }
+  return false;
+}
+
+// The capacity pre-pass: kl and kl_term (= KL_fb) from a run of the pass without gradient
+// targets, then row b's KL weight times sign(KL_fb[b] - C), for the pass proper.
+template <typename acc_t>
+at::Tensor signed_weights(const KlProblem& p, const acc_t* weights, const acc_t* active,
+                          acc_t inactive_total, const Chunking& chunking, acc_t capacity,
+                          acc_t* kl, acc_t* kl_term, const at::TensorOptions& options) {
+  KlProblem sums_only = p;
+  for (MutableData& grad : sums_only.grads) grad = {};
+  kl_rows<acc_t>(sums_only, weights, active, inactive_total, chunking, kl, kl_term, nullptr);
+  at::Tensor result = at::empty({p.batch}, options);
+  acc_t* data = result.mutable_data_ptr<acc_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    data[b] = weights[b] * MathOps<acc_t>::sign(kl_term[b] - capacity);
+  }
+  return result;
+}
+
 }  // namespace
 
 template <typename acc_t>
@@ -234,13 +260,22 @@ void kl_pass(const ElboArgs& args, const ElboOutputs& out, const acc_t* weights,
     active = at::empty({p.latent}, acc_options);
     inactive_total = free_bits_mask<acc_t>(p, args.free_bits, chunking, active);
   }
+  const acc_t* active_data = active.defined() ? active.const_data_ptr<acc_t>() : nullptr;
+  const acc_t capacity = args.capacity ? read_scalar<acc_t>(*args.capacity) : acc_t(0);
+  at::Tensor capacity_weights;  // without gradients to form, the sign is not needed
+  if (args.capacity && wants_gradients(p)) {
+    capacity_weights = signed_weights<acc_t>(p, weights, active_data, inactive_total, chunking,
+                                             capacity, kl, kl_term, acc_options);
+    weights = capacity_weights.const_data_ptr<acc_t>();
+  }
   const bool reduce_prior = !p.prior_per_row && (p.grads[2].data || p.grads[3].data);
   at::Tensor prior_partials;
   if (reduce_prior) prior_partials = at::zeros({chunking.count, 2 * p.latent}, acc_options);
-  kl_rows<acc_t>(p, weights, active.defined() ? active.const_data_ptr<acc_t>() : nullptr,
-                 inactive_total, chunking, kl, kl_term,
+  kl_rows<acc_t>(p, weights, active_data, inactive_total, chunking, kl, kl_term,
                  reduce_prior ? prior_partials.mutable_data_ptr<acc_t>() : nullptr);
   if (reduce_prior) store_prior_grads<acc_t>(p, prior_partials);
+  if (!args.capacity) return;
+  for (int64_t b = 0; b < p.batch; ++b) kl_term[b] = MathOps<acc_t>::abs(kl_term[b] - capacity);
 }
 
 template void kl_pass<float>(const ElboArgs&, const ElboOutputs&, const float*, float*, float*);

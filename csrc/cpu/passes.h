@@ -81,12 +81,21 @@ void reduce_partials(const at::Tensor& partials, MutableData out) {
   });
 }
 
+// A one-element tensor's value (beta, capacity) as acc_t, read from its memory: the op
+// dispatches no host-read op for it.
+template <typename acc_t>
+acc_t read_scalar(const at::Tensor& tensor) {
+  acc_t converted;
+  return *load_tile(tensor.const_data_ptr(), tensor.scalar_type(), 1, &converted);
+}
+
 // nll[b] and the gradients of x, x_hat and x_log_scale; `weights[b]` is the weight w_b of row b
 // in the loss whose gradient is formed (nll.cpp).
 template <typename acc_t>
 void nll_pass(const ElboArgs& args, const ElboOutputs& out, const acc_t* weights, acc_t* nll);
 
-// kl[b], kl_term[b] and the latent gradients, with `weights[b]` = beta * w_b (kl.cpp).
+// kl[b], kl_term[b] and the latent gradients, with `weights[b]` = beta * w_b; with a capacity
+// the pass applies it to kl_term and to the row weights itself (kl.cpp).
 template <typename acc_t>
 void kl_pass(const ElboArgs& args, const ElboOutputs& out, const acc_t* weights, acc_t* kl,
              acc_t* kl_term);

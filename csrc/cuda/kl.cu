@@ -1,6 +1,8 @@
 // The KL pass on CUDA: one block per datapoint row for kl, kl_term and the per-row latent
 // gradients; sums across rows (the free-bits batch mean, a shared prior's gradients) by a thread
-// per latent dim looping over rows in order.
+// per latent dim looping over rows in order. With a KL capacity C, kl_term[b] = |KL_fb[b] - C|
+// and row b's gradients take sign(KL_fb[b] - C), known only once the row is summed: a pre-pass
+// of the row kernel without gradient targets forms KL_fb first.
 #include "../elementwise.h"
 #include "elbo.cuh"
 
@@ -17,8 +19,19 @@ struct KlArgs {
   Buffer beta;
   RowWeights<acc_t> weights;
   Buffer grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar;
+  Buffer capacity;               // C, or null: no capacity
+  const acc_t* kl_fb = nullptr;  // [B] KL_fb from the capacity pre-pass; null: unsigned weights
 
-  __device__ acc_t kl_weight(int64_t b) const { return load<acc_t>(beta, 0) * weights(b); }
+  __host__ bool wants_gradients() const {
+    return grad_mu.data || grad_logvar.data || grad_prior_mu.data || grad_prior_logvar.data;
+  }
+
+  // beta * w_b, times sign(KL_fb[b] - C) once the pre-pass has formed KL_fb.
+  __device__ acc_t kl_weight(int64_t b) const {
+    const acc_t weight = load<acc_t>(beta, 0) * weights(b);
+    if (!kl_fb) return weight;
+    return weight * MathOps<acc_t>::sign(kl_fb[b] - load<acc_t>(capacity, 0));
+  }
 
   __device__ void element(int64_t b, int64_t j, acc_t& kl, acc_t& grad_mu_value,
                           acc_t& grad_logvar_value, acc_t& grad_prior_logvar_value) const {
@@ -85,7 +98,9 @@ __global__ void kl_rows_kernel(KlArgs<acc_t> a, const acc_t* active, acc_t* kl_r
     const acc_t inactive_total = block_sum(inactive_count);
     if (threadIdx.x == 0) {
       kl_rows[b] = kl_total;
-      kl_term_rows[b] = active ? active_total + inactive_total * a.free_bits : kl_total;
+      const acc_t kl_fb = active ? active_total + inactive_total * a.free_bits : kl_total;
+      kl_term_rows[b] =
+          a.capacity.data ? MathOps<acc_t>::abs(kl_fb - load<acc_t>(a.capacity, 0)) : kl_fb;
     }
   }
 }
@@ -115,7 +130,21 @@ KlArgs<acc_t> kl_args(const ElboArgs& args, const ElboOutputs& out, RowWeights<a
           !args.prior_mu || args.prior_mu->size(0) == args.batch,
           static_cast<acc_t>(args.free_bits), buffer_of(*args.beta), weights,
           gradient_buffer(args, out, kMu), gradient_buffer(args, out, kLogvar),
-          gradient_buffer(args, out, kPriorMu), gradient_buffer(args, out, kPriorLogvar)};
+          gradient_buffer(args, out, kPriorMu), gradient_buffer(args, out, kPriorLogvar),
+          optional_buffer(args.capacity)};
+}
+
+// The capacity pre-pass: KL_fb per row from the row kernel run without gradient targets and
+// without the capacity (out.kl is written again, identically, by the pass proper).
+template <typename acc_t>
+at::Tensor kl_fb_rows(KlArgs<acc_t> a, const acc_t* active, const ElboOutputs& out,
+                      cudaStream_t stream) {
+  a.grad_mu = a.grad_logvar = a.grad_prior_mu = a.grad_prior_logvar = a.capacity = Buffer{};
+  at::Tensor kl_fb = at::empty({a.batch}, out.kl.options());
+  kl_rows_kernel<<<blocks_for(a.batch, 1), kThreads, 0, stream>>>(
+      a, active, out.kl.mutable_data_ptr<acc_t>(), kl_fb.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return kl_fb;
 }
 
 }  // namespace
@@ -123,7 +152,7 @@ KlArgs<acc_t> kl_args(const ElboArgs& args, const ElboOutputs& out, RowWeights<a
 template <typename acc_t>
 void launch_kl(const ElboArgs& args, const ElboOutputs& out, RowWeights<acc_t> weights,
                cudaStream_t stream) {
-  const KlArgs<acc_t> a = kl_args(args, out, weights);
+  KlArgs<acc_t> a = kl_args(args, out, weights);
   at::Tensor active;
   if (args.free_bits > 0 && a.latent > 0) {
     active = at::empty({a.latent}, out.kl.options());
@@ -131,6 +160,11 @@ void launch_kl(const ElboArgs& args, const ElboOutputs& out, RowWeights<acc_t> w
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const acc_t* active_data = active.defined() ? active.const_data_ptr<acc_t>() : nullptr;
+  at::Tensor kl_fb;  // without gradients to form, the sign is not needed
+  if (a.capacity.data && a.wants_gradients() && a.batch > 0) {
+    kl_fb = kl_fb_rows(a, active_data, out, stream);
+    a.kl_fb = kl_fb.const_data_ptr<acc_t>();
+  }
   if (a.batch > 0) {
     // With free bits and d = 0 there is no active mask, and kl_term = kl = 0 as it should be.
     kl_rows_kernel<<<blocks_for(a.batch, 1), kThreads, 0, stream>>>(

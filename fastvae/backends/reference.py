@@ -16,7 +16,7 @@ only sees the shapes documented here.
     ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is
     regenerated.
 
-``elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+``elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
        likelihood, x_log_scale_const, free_bits, reduction, needs_grad)``
     The first seven arguments are the differentiable inputs, in the order of
     ``fastvae._common.INPUTS``: input i has gradient slot i.
@@ -28,21 +28,32 @@ only sees the shapes documented here.
     None (standard normal) or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``,
     ``x_hat`` and ``x_log_scale`` may each have their own floating dtype; the four latent
     tensors share one dtype. ``beta``: 0-dim tensor in the loss dtype (float32; float64 when
-    any input is float64). ``grad_scale``: None, or a ``[B]`` tensor of per-datapoint weights
-    in the loss dtype. ``likelihood``: a ``Likelihood`` value. ``free_bits``: float ≥ 0.
-    ``reduction``: a ``Reduction`` value. ``needs_grad``: 7 bools, one per slot.
+    any input is float64). ``capacity``: None, or the KL capacity C (Burgess et al. 2018) as a
+    0-dim tensor in the loss dtype, read where it lies (no host sync). ``grad_scale``: None, or
+    a ``[B]`` tensor of per-datapoint weights in the loss dtype. ``likelihood``: a
+    ``Likelihood`` value. ``free_bits``: float ≥ 0. ``reduction``: a ``Reduction`` value.
+    ``needs_grad``: 7 bools, one per slot.
 
     Returns the 11-tuple ``(loss, nll, kl, kl_term, *grads)``:
       ``nll[b]`` = mean over samples of the NLL summed over D; ``kl[b]`` = analytic KL summed
-      over d; ``kl_term[b]`` = the KL term the loss uses (free bits applied: a latent dim whose
-      batch mean KL is below ``free_bits`` contributes the constant ``free_bits``);
+      over d; ``kl_term[b]`` = the KL term β multiplies: ``KL_fb[b]``, the KL with free bits
+      applied (a latent dim whose batch mean KL is below ``free_bits`` contributes the
+      constant ``free_bits``), or with a capacity ``|KL_fb[b] − C|``;
       ``loss`` = ``nll + beta * kl_term`` reduced (0-dim for MEAN/SUM, ``[B]`` for NONE).
       These are in the loss dtype.
       ``grads``: 7 tensors, slot i the gradient of ``sum_b w_b * loss_b`` with respect to
       input i, in that input's dtype and shape, or an empty tensor in ``x``'s dtype where
       ``needs_grad[i]`` is False. ``w_b`` = ``grad_scale[b]`` when given, else 1/B for MEAN
       and 1 otherwise. A broadcast input's gradient is summed over the dims it was broadcast
-      along.
+      along. With a capacity, every latent gradient (mu, logvar, prior_mu, prior_logvar) of
+      row b carries the factor ``sign(KL_fb[b] − C)`` (0 where they are equal): the row's KL
+      weight is ``beta * w_b * sign(KL_fb[b] − C)``.
+
+    Capacity is pythae's DisentangledBetaVAE form, |·| per datapoint before the reduction;
+    AntixK's BetaVAE ('B' loss) takes |·| of the batch-mean KL instead, which differs when
+    rows lie on both sides of C. A row's sign is known only once its KL is summed, so a fused
+    backend with a capacity first runs a KL-only pre-pass over the latents (B×d) for KL_fb,
+    then its fused pass with the signed row weights; without one, no extra pass runs.
 
 ``iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weight_offset,
        grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad)``
@@ -244,7 +255,15 @@ def _input_grad(grad, tensor, sum_samples):
     return _sum_to(grad, tensor.shape).to(tensor.dtype).reshape(tensor.shape)
 
 
-def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_scale,
+def _capacity_term(kl_term, capacity, acc):
+    """(|KL_fb − C|, sign(KL_fb − C)) per row with a capacity C; (KL_fb, 1) without."""
+    if capacity is None:
+        return kl_term, 1.0
+    excess = kl_term - capacity.to(acc)
+    return excess.abs(), torch.sign(excess).view(-1, 1)
+
+
+def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
          likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
     acc = accumulation_dtype(x, x_hat, x_log_scale, mu)
     n_samples, batch, _ = x_hat.shape
@@ -259,9 +278,10 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, grad_s
     kl_el, kl_grads = _kl_elements(*[t if t is None else t.to(acc)
                                      for t in (mu, logvar, prior_mu, prior_logvar)])
     kl_term, active = _kl_term(kl_el, free_bits, acc)
+    kl_term, sign = _capacity_term(kl_term, capacity, acc)
     beta_a = beta.to(acc)
     loss = reduce_rows(nll + beta_a * kl_term, reduction)
-    kl_weight = (beta_a * weight).view(batch, 1) * (1.0 if active is None else active)
+    kl_weight = (beta_a * weight).view(batch, 1) * (1.0 if active is None else active) * sign
 
     grads = []
     for i, tensor in enumerate(inputs):
