@@ -212,6 +212,34 @@ def _logits_nll(x, logits, likelihood, reduction):
     return _nll(x, logits, None, 0.0, likelihood, reduction)
 
 
+def _check_prior_choice(prior, z, prior_mu, prior_logvar, free_bits):
+    """elbo_loss's prior is Gaussian (prior_mu, prior_logvar) or a mixture with its sample z."""
+    if prior is None:
+        if z is not None:
+            raise ValueError("z is only used with a mixture prior (prior=GaussianMixture(...))")
+        return
+    if prior_mu is not None or prior_logvar is not None:
+        raise ValueError("give either a Gaussian prior (prior_mu, prior_logvar) or a mixture "
+                         "prior (prior), not both")
+    if z is None:
+        raise ValueError("a mixture prior needs the sample z: its KL is estimated from it")
+    if free_bits:
+        raise ValueError("free_bits applies per latent dim; the KL to a mixture prior is not a "
+                         "sum over latent dims")
+
+
+def _mixture_elbo(x, x_hat, decoder_scale, latents, prior, weights, likelihood, reduction):
+    """ELBOTerms of NLL + β·KL with the sample-based KL to a mixture prior (|KL − C| with a
+    capacity): the NLL from the fused op, the KL from the mixture op."""
+    from . import mixture  # mixture.py builds on this module's helpers
+    (beta, capacity), (z, mu, logvar) = weights, latents
+    nll = _nll(x, x_hat, *decoder_scale, likelihood, reduction)
+    kl = mixture.mixture_kl(z, mu, logvar, prior)
+    kl_term = kl if capacity is None else (kl - capacity).abs()
+    loss = nll + reduce_rows(beta * kl_term, reduction)
+    return ELBOTerms(loss, nll.detach(), reduce_rows(kl, reduction).detach())
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +357,8 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
               x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
-              reduction: str = "mean", return_terms: bool = False, capacity=None):
+              reduction: str = "mean", return_terms: bool = False, capacity=None,
+              prior=None, z: Optional[Tensor] = None):
     """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass; with a capacity C,
     ``NLL + beta * |KL − C|`` (Burgess et al. 2018).
 
@@ -354,6 +383,10 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
             ``|KL_b − C|`` (KL_b after free bits) before the reduction, as in pythae's
             DisentangledBetaVAE. AntixK's BetaVAE ('B' loss) instead takes ``|·|`` of the
             batch-mean KL, which differs when datapoints lie on both sides of C.
+        prior, z: a :class:`fastvae.GaussianMixture` prior instead of a Gaussian one, with
+            the sample(s) ``z`` (``[B, *latent]`` or ``[S, B, *latent]``) its KL is estimated
+            from (:func:`fastvae.mixture_kl`); β and capacity apply, free bits do not (that
+            KL is not a sum over latent dims). The NLL stays fused; the KL is a second op.
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
@@ -367,6 +400,7 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     check_beta(beta)
     check_capacity(capacity)
     check_real("free_bits", free_bits, minimum=0.0)
+    _check_prior_choice(prior, z, prior_mu, prior_logvar, free_bits)
     theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
                                        "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
     check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
@@ -376,6 +410,10 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
                      mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma, x_logscale=x_logscale,
                      scale=scale, beta=beta, capacity=capacity, prior_mu=prior_mu,
                      prior_logvar=prior_logvar)
+    if prior is not None:
+        terms = _mixture_elbo(x, x_hat, (theta, const), (z, mu, logvar), prior, (beta, capacity),
+                              likelihood, reduction)
+        return terms if return_terms else terms.loss
     if x_hat.dim() == x.dim():
         x_hat = x_hat.unsqueeze(0)
     out = _fused(x, x_hat, theta, const, (mu, logvar, prior_mu, prior_logvar), beta, free_bits,
