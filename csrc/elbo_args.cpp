@@ -6,73 +6,12 @@
 
 #include <algorithm>
 
+#include "arg_checks.h"
+
 namespace fastvae {
 namespace {
 
 constexpr const char* kOp = "fastvae_native::elbo: ";
-
-bool supported_dtype(c10::ScalarType type) {
-  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-}
-
-void check_tensor(const char* name, const at::Tensor& tensor, int64_t dims,
-                  const at::Device& device) {
-  TORCH_CHECK(tensor.dim() == dims && tensor.is_contiguous() && tensor.device() == device &&
-                  supported_dtype(tensor.scalar_type()),
-              kOp, name, " must be a contiguous ", dims,
-              "-D float32, float64, float16 or bfloat16 tensor on ", device, ", got ",
-              tensor.sizes(), " ", tensor.scalar_type(), " on ", tensor.device());
-}
-
-// Each size of `tensor` must equal `sizes` or, where `broadcast`, be 1.
-void check_sizes(const char* name, const at::Tensor& tensor, std::initializer_list<int64_t> sizes,
-                 bool broadcast) {
-  int64_t dim = 0;
-  for (const int64_t size : sizes) {
-    const int64_t actual = tensor.size(dim);
-    TORCH_CHECK(actual == size || (broadcast && actual == 1), kOp, name, " has size ", actual,
-                " in dim ", dim, ", expected ", size, broadcast ? " or 1" : "", " (shape ",
-                tensor.sizes(), ")");
-    ++dim;
-  }
-}
-
-void check_decoder(const ElboArgs& a, const at::Device& device) {
-  check_tensor("x", *a.x, 2, device);
-  check_tensor("x_hat", *a.x_hat, 3, device);
-  check_sizes("x_hat", *a.x_hat, {a.samples, a.batch, a.features}, false);
-  if (a.x_log_scale) {
-    check_tensor("x_log_scale", *a.x_log_scale, 3, device);
-    check_sizes("x_log_scale", *a.x_log_scale, {a.samples, a.batch, a.features}, true);
-  }
-  TORCH_CHECK(a.likelihood >= Likelihood::kGaussian &&
-                  static_cast<int64_t>(a.likelihood) < kLikelihoodCount,
-              kOp, "unknown likelihood ", static_cast<int64_t>(a.likelihood));
-}
-
-// The four latent tensors share mu's dtype; a prior is [1 or B, d] and comes as a pair.
-void check_latents(const ElboArgs& a, const at::Device& device) {
-  check_tensor("mu", *a.mu, 2, device);
-  check_sizes("mu", *a.mu, {a.batch, a.latent}, false);
-  TORCH_CHECK((a.prior_mu == nullptr) == (a.prior_logvar == nullptr), kOp,
-              "give both prior_mu and prior_logvar or neither");
-  const std::pair<const char*, const at::Tensor*> latents[] = {
-      {"logvar", a.logvar}, {"prior_mu", a.prior_mu}, {"prior_logvar", a.prior_logvar}};
-  for (const auto& [name, tensor] : latents) {
-    if (!tensor) continue;
-    check_tensor(name, *tensor, 2, device);
-    TORCH_CHECK(tensor->scalar_type() == a.mu->scalar_type(), kOp, name, " must have mu's dtype ",
-                a.mu->scalar_type(), ", got ", tensor->scalar_type());
-  }
-  check_sizes("logvar", *a.logvar, {a.batch, a.latent}, false);
-  if (a.prior_mu) {
-    const int64_t rows = a.prior_mu->size(0);
-    TORCH_CHECK((rows == 1 || rows == a.batch) && a.prior_mu->size(1) == a.latent, kOp,
-                "prior_mu must be [1 or ", a.batch, ", ", a.latent, "], got ", a.prior_mu->sizes());
-    TORCH_CHECK(a.prior_logvar->sizes() == a.prior_mu->sizes(), kOp,
-                "prior_mu and prior_logvar must have the same shape");
-  }
-}
 
 // A scalar the kernels read where it lies (beta, capacity): one floating element on the device.
 void check_scalar(const char* name, const at::Tensor& tensor, const at::Device& device) {
@@ -85,22 +24,13 @@ void check_scalar(const char* name, const at::Tensor& tensor, const at::Device& 
 void check_weights(const ElboArgs& a, const at::Device& device) {
   check_scalar("beta", *a.beta, device);
   if (a.capacity) check_scalar("capacity", *a.capacity, device);
-  if (a.grad_scale) {
-    check_tensor("grad_scale", *a.grad_scale, 1, device);
-    check_sizes("grad_scale", *a.grad_scale, {a.batch}, false);
-  }
+  check_row_weights(kOp, a.grad_scale, a.batch, device);
   TORCH_CHECK(a.free_bits >= 0, kOp, "free_bits must be >= 0, got ", a.free_bits);
-  TORCH_CHECK(a.reduction >= Reduction::kNone && a.reduction <= Reduction::kSum, kOp,
-              "reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              static_cast<int64_t>(a.reduction));
+  check_reduction(kOp, a.reduction);
   for (int slot = 0; slot < kInputCount; ++slot) {
     TORCH_CHECK(!a.needs_grad[slot] || a.input(static_cast<Input>(slot)), kOp, "needs_grad[",
                 slot, "] is set for an absent input");
   }
-}
-
-const at::Tensor* optional_pointer(const std::optional<at::Tensor>& tensor) {
-  return tensor.has_value() ? &*tensor : nullptr;
 }
 
 }  // namespace
@@ -111,7 +41,9 @@ const at::Tensor* ElboArgs::input(Input slot) const {
   return inputs[slot];
 }
 
-double ElboArgs::uniform_weight() const {
+double ElboArgs::uniform_weight() const { return uniform_row_weight(reduction, batch); }
+
+double uniform_row_weight(Reduction reduction, int64_t batch) {
   return reduction == Reduction::kMean ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1))
                                        : 1.0;
 }
@@ -125,8 +57,8 @@ c10::ScalarType accumulation_dtype(std::initializer_list<const at::Tensor*> tens
 
 void check_elbo_args(const ElboArgs& args) {
   const at::Device device = args.x->device();
-  check_decoder(args, device);
-  check_latents(args, device);
+  check_decoder(kOp, args, device);
+  check_latents(kOp, args, device);
   check_weights(args, device);
 }
 
@@ -158,19 +90,10 @@ ElboOutputs allocate_elbo_outputs(const ElboArgs& args) {
   ElboOutputs out{per_row ? at::empty({args.batch}, options) : at::empty({}, options),
                   at::empty({args.batch}, options), at::empty({args.batch}, options),
                   at::empty({args.batch}, options)};
-  for (int slot = 0; slot < kInputCount; ++slot) {
-    const at::Tensor* input = args.input(static_cast<Input>(slot));
-    out.grads[slot] = args.needs_grad[slot] ? at::empty_like(*input)
-                                            : at::empty({0}, args.x->options());
-  }
-  if (args.batch == 0) {  // a broadcast input's gradient: a sum over no rows
-    for (const Input slot : {kXLogScale, kPriorMu, kPriorLogvar}) {
-      if (args.needs_grad[slot]) out.grads[slot].zero_();
-    }
-  }
-  const bool uses_scale =
-      with_likelihood(args.likelihood, [](auto nll) { return decltype(nll)::kUsesScale; });
-  if (!uses_scale && args.needs_grad[kXLogScale]) out.grads[kXLogScale].zero_();
+  std::array<const at::Tensor*, kInputCount> inputs;
+  for (int slot = 0; slot < kInputCount; ++slot) inputs[slot] = args.input(static_cast<Input>(slot));
+  out.grads = allocate_gradients(inputs, args.needs_grad, *args.x, args.batch, args.likelihood,
+                                 {kXLogScale, kPriorMu, kPriorLogvar});
   return out;
 }
 

@@ -64,8 +64,23 @@ struct ElboOutputs {
   ElboTuple as_tuple() const;
 };
 
+// The weight w_b of every row in the gradient when no grad_scale is given: 1/B for the mean
+// (1 for an empty batch), else 1.
+double uniform_row_weight(Reduction reduction, int64_t batch);
+
 // float64 when any given tensor (null ones skipped) is float64, else float32: the one rule.
 c10::ScalarType accumulation_dtype(std::initializer_list<const at::Tensor*> tensors);
+
+// Calls visit(acc_t{}), acc_t double for a float64 accumulation dtype, else float: the kernels
+// are templates over the type of their sums.
+template <typename Visit>
+void with_accumulation(c10::ScalarType accumulation, Visit&& visit) {
+  if (accumulation == c10::ScalarType::Double) {
+    visit(double{});
+  } else {
+    visit(float{});
+  }
+}
 
 // Throws with a message naming the argument unless `args` describes a call the kernels accept.
 void check_elbo_args(const ElboArgs& args);

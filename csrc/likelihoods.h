@@ -151,4 +151,9 @@ decltype(auto) with_likelihood(Likelihood likelihood, Visit&& visit) {
   }
 }
 
+// Whether θ enters the likelihood (its gradient is zero otherwise).
+inline bool uses_scale(Likelihood likelihood) {
+  return with_likelihood(likelihood, [](auto nll) { return decltype(nll)::kUsesScale; });
+}
+
 FASTVAE_NAMESPACE_END

@@ -12,6 +12,10 @@ TORCH_LIBRARY(fastvae_native, m) {
         "Tensor? grad_scale, int likelihood, float x_log_scale_const, float free_bits, "
         "int reduction, bool[7] needs_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("iwae(Tensor x, Tensor x_hat, Tensor? x_log_scale, Tensor z, Tensor mu, Tensor logvar, "
+        "Tensor? prior_mu, Tensor? prior_logvar, Tensor? log_weight_offset, Tensor? grad_scale, "
+        "int likelihood, float x_log_scale_const, int reduction, bool dreg, bool[9] needs_grad) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_(Tensor(a!)[] grads, Tensor upstream) -> ()");
   // Private, for the tests' noise-stream probe: a [4, count] float32 tensor whose column c holds
   // the four normals of the Philox call first_call + c (counter (call_lo, call_hi, 0, 0), key

@@ -44,6 +44,10 @@ fastvae::ElboOutputs elbo(const fastvae::ElboArgs& args) {
   return use_avx512() ? fastvae::AVX512::elbo_cpu(args) : fastvae::AVX2::elbo_cpu(args);
 }
 
+fastvae::IwaeOutputs iwae(const fastvae::IwaeArgs& args) {
+  return use_avx512() ? fastvae::AVX512::iwae_cpu(args) : fastvae::AVX2::iwae_cpu(args);
+}
+
 void scale_(at::TensorList grads, const at::Tensor& upstream) {
   return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream)
                       : fastvae::AVX2::scale_cpu(grads, upstream);
@@ -60,6 +64,7 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("reparameterize", &reparameterize);
   m.impl("reparameterize_backward", &reparameterize_backward);
   m.impl("elbo", &fastvae::elbo_op<&elbo>);
+  m.impl("iwae", &fastvae::iwae_op<&iwae>);
   m.impl("scale_", &scale_);
   m.impl("_philox_normals", &philox_normals);
 }

@@ -47,11 +47,7 @@ void elbo_kernel(const ElboArgs& args, const ElboOutputs& out) {
 ElboOutputs elbo_cpu(const ElboArgs& args) {
   ElboOutputs out = allocate_elbo_outputs(args);
   for (const at::Tensor& grad : out.grads) advise_huge_pages(grad);
-  if (args.accumulation == at::kDouble) {
-    elbo_kernel<double>(args, out);
-  } else {
-    elbo_kernel<float>(args, out);
-  }
+  with_accumulation(args.accumulation, [&](auto acc) { elbo_kernel<decltype(acc)>(args, out); });
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "../elbo_args.h"
+#include "../iwae_args.h"
 #include "../math_ops.h"
 
 #define FASTVAE_CPU_KERNELS                                                                  \
@@ -17,6 +18,7 @@
       const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed,           \
       int64_t n_samples, bool need_mu, bool need_logvar);                                   \
   ElboOutputs elbo_cpu(const ElboArgs& args);                                               \
+  IwaeOutputs iwae_cpu(const IwaeArgs& args);                                               \
   void scale_cpu(at::TensorList grads, const at::Tensor& upstream);                         \
   at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count);
 

@@ -3,60 +3,13 @@
 // capacity C, kl_term[b] = |KL_fb[b] - C| and the gradients of row b take sign(KL_fb[b] - C),
 // known only once the row is summed: a pre-pass without gradient targets forms KL_fb first.
 #include "../elementwise.h"
+#include "latent_tiles.h"
 #include "loops.h"
 #include "passes.h"
 #include "vec_math_ops.h"
 
 FASTVAE_NAMESPACE_BEGIN
 namespace {
-
-struct KlProblem {
-  int64_t batch, latent;
-  Data mu, logvar, prior_mu, prior_logvar;  // prior data null for the standard normal
-  bool prior_per_row = true;
-  MutableData grads[4];  // mu, logvar, prior_mu, prior_logvar; null where not wanted
-};
-
-KlProblem kl_problem(const ElboArgs& args, const ElboOutputs& out) {
-  KlProblem p{args.batch, args.latent, data_of(args.mu), data_of(args.logvar),
-              data_of(args.prior_mu), data_of(args.prior_logvar)};
-  p.prior_per_row = !args.prior_mu || args.prior_mu->size(0) == args.batch;
-  for (const Input slot : {kMu, kLogvar, kPriorMu, kPriorLogvar}) {
-    p.grads[slot - kMu] = gradient_of(args, out, slot);
-  }
-  return p;
-}
-
-template <typename acc_t>
-struct LatentTiles {
-  const acc_t* mu;
-  const acc_t* logvar;
-  const acc_t* prior_mu;
-  const acc_t* prior_logvar;
-};
-
-template <typename acc_t>
-struct LatentBuffers {
-  alignas(64) acc_t mu[kTile];
-  alignas(64) acc_t logvar[kTile];
-  alignas(64) acc_t prior_mu[kTile];
-  alignas(64) acc_t prior_logvar[kTile];
-
-  LatentTiles<acc_t> load(const KlProblem& p, int64_t b, int64_t j0, int64_t n) {
-    const int64_t row = b * p.latent + j0;
-    const int64_t prior_row = (p.prior_per_row ? b : 0) * p.latent + j0;
-    LatentTiles<acc_t> tiles{};
-    tiles.mu = load_tile(advance(p.mu.data, p.mu.type, row), p.mu.type, n, mu);
-    tiles.logvar = load_tile(advance(p.logvar.data, p.logvar.type, row), p.logvar.type, n, logvar);
-    if (p.prior_mu.data) {
-      tiles.prior_mu = load_tile(advance(p.prior_mu.data, p.prior_mu.type, prior_row),
-                                 p.prior_mu.type, n, prior_mu);
-      tiles.prior_logvar = load_tile(advance(p.prior_logvar.data, p.prior_logvar.type, prior_row),
-                                     p.prior_logvar.type, n, prior_logvar);
-    }
-    return tiles;
-  }
-};
 
 template <typename T, typename acc_t>
 void kl_element(const LatentTiles<acc_t>& tiles, int64_t i, T& kl, T& grad_mu, T& grad_logvar,

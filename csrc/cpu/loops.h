@@ -82,4 +82,17 @@ void vectorized_for(int64_t n, Body&& body) {
   for (; i < n; ++i) body(i, Width<acc_t>{});
 }
 
+// Σ body(i, Width<T>{}) over [0, n), a vector at a time and then the tail as vectorized_for;
+// the vector lanes are added last.
+template <typename acc_t, typename Body>
+acc_t vectorized_sum(int64_t n, Body&& body) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec vector_total(acc_t(0));
+  acc_t scalar_total = 0;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vector_total = vector_total + body(i, Width<Vec>{});
+  for (; i < n; ++i) scalar_total += body(i, Width<acc_t>{});
+  return sum_lanes(vector_total) + scalar_total;
+}
+
 FASTVAE_NAMESPACE_END

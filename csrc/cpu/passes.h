@@ -54,8 +54,10 @@ inline Data data_of(const at::Tensor* tensor) {
   return tensor ? Data{tensor->const_data_ptr(), tensor->scalar_type()} : Data{};
 }
 
-// Where the gradient of input `slot` goes; null when it is not wanted.
-inline MutableData gradient_of(const ElboArgs& args, const ElboOutputs& out, Input slot) {
+// Where the gradient of input `slot` goes; null when it is not wanted. Args and Outputs: elbo's
+// or iwae's.
+template <typename Args, typename Outputs>
+MutableData gradient_of(const Args& args, const Outputs& out, int slot) {
   const at::Tensor& grad = out.grads[slot];
   return args.needs_grad[slot] ? MutableData{grad.mutable_data_ptr(), grad.scalar_type()}
                                : MutableData{};

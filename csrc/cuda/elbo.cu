@@ -44,11 +44,7 @@ void launch(const ElboArgs& args, const ElboOutputs& out) {
 ElboOutputs elbo_cuda(const ElboArgs& args) {
   const c10::cuda::CUDAGuard guard(args.x->device());
   ElboOutputs out = allocate_elbo_outputs(args);
-  if (args.accumulation == at::kDouble) {
-    launch<double>(args, out);
-  } else {
-    launch<float>(args, out);
-  }
+  with_accumulation(args.accumulation, [&](auto acc) { launch<decltype(acc)>(args, out); });
   return out;
 }
 

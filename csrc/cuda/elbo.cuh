@@ -23,7 +23,10 @@ inline Buffer optional_buffer(const at::Tensor* tensor) {
   return tensor ? buffer_of(*tensor) : Buffer{};
 }
 
-inline Buffer gradient_buffer(const ElboArgs& args, const ElboOutputs& out, Input slot) {
+// Where the gradient of input `slot` goes; null when it is not wanted. Args and Outputs: elbo's
+// or iwae's.
+template <typename Args, typename Outputs>
+Buffer gradient_buffer(const Args& args, const Outputs& out, int slot) {
   return args.needs_grad[slot] ? buffer_of(out.grads[slot]) : Buffer{};
 }
 

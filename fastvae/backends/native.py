@@ -19,6 +19,7 @@ _ops = torch.ops.fastvae_native
 reparameterize_forward = _ops.reparameterize
 reparameterize_backward = _ops.reparameterize_backward
 elbo = _ops.elbo
+iwae = _ops.iwae
 scale_ = _ops.scale_
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
@@ -26,4 +27,5 @@ torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparamete
 torch.library.register_fake("fastvae_native::reparameterize_backward",
                             _shapes.reparameterize_backward)
 torch.library.register_fake("fastvae_native::elbo", _shapes.elbo)
+torch.library.register_fake("fastvae_native::iwae", _shapes.iwae)
 torch.library.register_fake("fastvae_native::scale_", _shapes.scale_)
