@@ -17,6 +17,11 @@ TORCH_LIBRARY(fastvae_native, m) {
         "int likelihood, float x_log_scale_const, int reduction, bool dreg, bool[9] needs_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("scale_(Tensor(a!)[] grads, Tensor upstream) -> ()");
+  m.def("mixture_log_ratio(Tensor z, Tensor mu, Tensor logvar, Tensor means, Tensor logvars, "
+        "Tensor logits) -> (Tensor, Tensor)");
+  m.def("mixture_log_ratio_backward(Tensor grad, Tensor z, Tensor mu, Tensor logvar, "
+        "Tensor means, Tensor logvars, Tensor logits, Tensor log_prior_sum, bool[6] needs_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Private, for the tests' noise-stream probe: a [4, count] float32 tensor whose column c holds
   // the four normals of the Philox call first_call + c (counter (call_lo, call_hi, 0, 0), key
   // the seed), as the kernels produce them. Reaches counters >= 2**32, which only streams of

@@ -135,6 +135,16 @@ def scaling(backend):
         backend.scale_([g.view(-1) for g in grads], torch.tensor(2.0, dtype=acc))
 
 
+def mixtures(backend):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        z, mu = torch.zeros(2, 6, 5, dtype=dtype), torch.zeros(6, 5, dtype=dtype)
+        means, logits = torch.zeros(20, 5, dtype=dtype), torch.zeros(20, dtype=dtype)
+        backend.mixture_log_ratio(z, mu, mu, means, means, logits)
+        rows = torch.zeros(2, 6, dtype=acc)
+        backend.mixture_log_ratio_backward(rows, z, mu, mu, means, means, logits, rows, [True] * 6)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every-config", action="store_true")
@@ -148,6 +158,7 @@ def main():
         sampling(backend)
         scaling(backend)
         bounds(backend)
+        mixtures(backend)
     losses(backend, compiler, options.every_config)
     print(len(compiler.compiled), "kernel variants compiled for sm_80 and sm_90")
 

@@ -5,12 +5,15 @@
 #include <torch/library.h>
 
 #include "kernels.h"
+#include "mixture.h"
 
 namespace fastvae::AVX2 {
 FASTVAE_CPU_KERNELS
+FASTVAE_CPU_MIXTURE_KERNELS
 }  // namespace fastvae::AVX2
 namespace fastvae::AVX512 {
 FASTVAE_CPU_KERNELS
+FASTVAE_CPU_MIXTURE_KERNELS
 }  // namespace fastvae::AVX512
 
 namespace {
@@ -58,6 +61,24 @@ at::Tensor philox_normals(const at::Tensor& seed, int64_t first_call, int64_t co
                       : fastvae::AVX2::philox_normals_cpu(seed, first_call, count);
 }
 
+fastvae::MixtureForward mixture_log_ratio(const at::Tensor& z, const at::Tensor& mu,
+                                          const at::Tensor& logvar, const at::Tensor& means,
+                                          const at::Tensor& logvars, const at::Tensor& logits) {
+  return use_avx512()
+             ? fastvae::AVX512::mixture_log_ratio_cpu(z, mu, logvar, means, logvars, logits)
+             : fastvae::AVX2::mixture_log_ratio_cpu(z, mu, logvar, means, logvars, logits);
+}
+
+fastvae::MixtureGrads mixture_log_ratio_backward(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& mu, const at::Tensor& logvar,
+    const at::Tensor& means, const at::Tensor& logvars, const at::Tensor& logits,
+    const at::Tensor& log_prior_sum, fastvae::MixtureNeeds needs) {
+  return use_avx512() ? fastvae::AVX512::mixture_log_ratio_backward_cpu(
+                            grad, z, mu, logvar, means, logvars, logits, log_prior_sum, needs)
+                      : fastvae::AVX2::mixture_log_ratio_backward_cpu(
+                            grad, z, mu, logvar, means, logvars, logits, log_prior_sum, needs);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
@@ -67,4 +88,6 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("iwae", &fastvae::iwae_op<&iwae>);
   m.impl("scale_", &scale_);
   m.impl("_philox_normals", &philox_normals);
+  m.impl("mixture_log_ratio", &mixture_log_ratio);
+  m.impl("mixture_log_ratio_backward", &mixture_log_ratio_backward);
 }

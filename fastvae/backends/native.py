@@ -21,6 +21,8 @@ reparameterize_backward = _ops.reparameterize_backward
 elbo = _ops.elbo
 iwae = _ops.iwae
 scale_ = _ops.scale_
+mixture_log_ratio = _ops.mixture_log_ratio
+mixture_log_ratio_backward = _ops.mixture_log_ratio_backward
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
 torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)
@@ -29,3 +31,6 @@ torch.library.register_fake("fastvae_native::reparameterize_backward",
 torch.library.register_fake("fastvae_native::elbo", _shapes.elbo)
 torch.library.register_fake("fastvae_native::iwae", _shapes.iwae)
 torch.library.register_fake("fastvae_native::scale_", _shapes.scale_)
+torch.library.register_fake("fastvae_native::mixture_log_ratio", _shapes.mixture_log_ratio)
+torch.library.register_fake("fastvae_native::mixture_log_ratio_backward",
+                            _shapes.mixture_log_ratio_backward)

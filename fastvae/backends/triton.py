@@ -12,10 +12,11 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 from ..kernels._launch import INTERPRETED
 from ..kernels.elbo import elbo
 from ..kernels.iwae import iwae
+from ..kernels.mixture import mixture_log_ratio, mixture_log_ratio_backward
 from ..kernels.reparameterize import reparameterize_backward, reparameterize_forward
 from ..kernels.scale import scale_
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
-__all__ = ["DEVICE_TYPES", "elbo", "iwae", "reparameterize_backward", "reparameterize_forward",
-           "scale_"]
+__all__ = ["DEVICE_TYPES", "elbo", "iwae", "mixture_log_ratio", "mixture_log_ratio_backward",
+           "reparameterize_backward", "reparameterize_forward", "scale_"]
