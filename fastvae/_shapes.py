@@ -39,5 +39,14 @@ def iwae(x, x_hat, x_log_scale, z, mu, logvar, prior_mu, prior_logvar, log_weigh
     return (loss, x.new_empty(x_hat.shape[:2], dtype=acc)) + grads
 
 
+def categorical(logits, target, grad_scale, classes_last, reduction, needs_grad, *backend):
+    """Empty outputs shaped as the categorical op's: (loss, nll, grad_logits)."""
+    acc = accumulation_dtype(logits)
+    batch = logits.shape[1]
+    loss = logits.new_empty(batch if reduction == Reduction.NONE else (), dtype=acc)
+    grad = logits.new_empty(logits.shape if needs_grad[0] else (0,))
+    return loss, logits.new_empty(batch, dtype=acc), grad
+
+
 def scale_(grads, upstream):
     """In place: no outputs."""

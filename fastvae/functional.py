@@ -12,10 +12,11 @@ from torch import Tensor
 
 from . import _ops
 from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
-from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to, check_data,
-                          check_float_tensor, check_latents, check_n_samples, check_positive,
-                          check_real, check_same_device, check_seed, check_values,
-                          checking_values, choice)
+from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
+                          check_broadcasts_to, check_data, check_float_tensor, check_latents,
+                          check_n_samples, check_positive, check_real, check_same_device,
+                          check_seed, check_values, checking_values, choice)
+from .categorical import categorical_outputs, check_categorical, check_categorical_values
 
 
 class ELBOTerms(NamedTuple):
@@ -209,6 +210,36 @@ def _logits_nll(x, logits, likelihood, reduction):
     return _nll(x, logits, None, 0.0, likelihood, reduction)
 
 
+def _categorical_elbo(target, logits, mu, logvar, reduction, return_terms, class_dim, beta,
+                      free_bits, prior, scales):
+    """elbo_loss with the categorical likelihood: its NLL from the categorical op, its KL from
+    the loss op on an empty event, each reduced (and differentiated) alike, then added."""
+    for name, value in scales.items():
+        if value is not None:
+            raise ValueError(f"{name} does not belong to likelihood 'categorical'")
+    layout = check_categorical(target, logits, -1 if class_dim is None else class_dim)
+    check_latents(mu, logvar, *prior)
+    if mu.shape[0] != target.shape[0]:
+        raise ValueError(f"mu must be [B, *latent] with B = {target.shape[0]} (target's first "
+                         f"dim), got {tuple(mu.shape)}")
+    check_beta(beta)
+    check_real("free_bits", free_bits, minimum=0.0)
+    check_same_device(x=target, x_hat=logits, mu=mu, logvar=logvar, prior_mu=prior[0],
+                      prior_logvar=prior[1])
+    if checking_values():
+        check_categorical_values(target, logits, layout)
+        check_values(mu=mu, logvar=logvar, beta=beta, prior_mu=prior[0], prior_logvar=prior[1])
+    nll = categorical_outputs(target, logits, layout, reduction)
+    empty = logits.new_empty(target.shape[0], 0)
+    kl = _fused(empty, empty.unsqueeze(0), None, 0.0, (mu, logvar, *prior), beta, free_bits,
+                Likelihood.GAUSSIAN, reduction)
+    loss = nll.loss + kl.loss
+    if not return_terms:
+        return loss
+    return ELBOTerms(loss, reduce_rows(nll.nll, reduction).detach(),
+                     reduce_rows(kl.kl, reduction).detach())
+
+
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
@@ -326,17 +357,21 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               likelihood: str = "gaussian", x_logvar: Optional[Tensor] = None, sigma=None,
               x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
-              reduction: str = "mean", return_terms: bool = False):
+              reduction: str = "mean", return_terms: bool = False,
+              class_dim: Optional[int] = None):
     """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass.
 
     Args:
-        x: data ``[B, *event]``.
+        x: data ``[B, *event]`` (class indices for the categorical likelihood).
         x_hat: decoder output ``[B, *event]`` or ``[S, B, *event]`` (the NLL is averaged over
             the S samples): the mean (Gaussian), the location (Laplace) or the **logits**
-            (Bernoulli, continuous Bernoulli; probabilities would give a wrong loss).
+            (Bernoulli, continuous Bernoulli; probabilities would give a wrong loss); for the
+            categorical likelihood logits with a class dim (see ``class_dim``).
         mu, logvar: the encoder's ``[B, *latent]``; the KL is summed over all latent dims.
-        likelihood: 'gaussian', 'bernoulli', 'laplace' or 'continuous_bernoulli' (x_hat are
-            logits, as for the Bernoulli).
+        likelihood: 'gaussian', 'bernoulli', 'laplace', 'continuous_bernoulli' (x_hat are
+            logits, as for the Bernoulli) or 'categorical' (see :func:`categorical_nll`).
+        class_dim: categorical only: -1 (default) for ``x_hat`` of ``[(S,) B, *event, K]``, 1
+            for ``[(S,) B, K, *event]``.
         x_logvar / sigma: Gaussian decoder variance as log σ² or σ (see :func:`gaussian_nll`).
         x_logscale / scale: Laplace decoder scale as log b or b (see :func:`laplace_nll`).
         beta: float or 0-dim tensor weighting the KL (a tensor avoids recompiles).
@@ -348,8 +383,14 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
-    likelihood = choice("likelihood", likelihood, LIKELIHOODS)
+    likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
+    scales = {"x_logvar": x_logvar, "sigma": sigma, "x_logscale": x_logscale, "scale": scale}
+    if likelihood == CATEGORICAL:
+        return _categorical_elbo(x, x_hat, mu, logvar, reduction, return_terms, class_dim, beta,
+                                 free_bits, (prior_mu, prior_logvar), scales)
+    if class_dim is not None:
+        raise ValueError("class_dim belongs to likelihood 'categorical' only")
     check_data(x, x_hat, "x_hat")
     check_latents(mu, logvar, prior_mu, prior_logvar)
     if mu.shape[0] != x.shape[0]:
@@ -357,8 +398,7 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
                          f"{tuple(mu.shape)}")
     check_beta(beta)
     check_real("free_bits", free_bits, minimum=0.0)
-    theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
-                                       "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
+    theta, const = _theta(likelihood, scales, x_hat.shape)
     check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
                       prior_mu=prior_mu, prior_logvar=prior_logvar)
     if checking_values():

@@ -44,6 +44,11 @@ fastvae::ElboOutputs elbo(const fastvae::ElboArgs& args) {
   return use_avx512() ? fastvae::AVX512::elbo_cpu(args) : fastvae::AVX2::elbo_cpu(args);
 }
 
+fastvae::CategoricalOutputs categorical(const fastvae::CategoricalArgs& args) {
+  return use_avx512() ? fastvae::AVX512::categorical_cpu(args)
+                      : fastvae::AVX2::categorical_cpu(args);
+}
+
 void scale_(at::TensorList grads, const at::Tensor& upstream) {
   return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream)
                       : fastvae::AVX2::scale_cpu(grads, upstream);
@@ -61,5 +66,6 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("reparameterize_backward", &reparameterize_backward);
   m.impl("elbo", &fastvae::elbo_op<&elbo>);
   m.impl("scale_", &scale_);
+  m.impl("categorical", &fastvae::categorical_op<&categorical>);
   m.impl("_philox_normals", &philox_normals);
 }

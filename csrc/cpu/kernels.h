@@ -7,6 +7,7 @@
 
 #include <tuple>
 
+#include "../categorical_args.h"
 #include "../elbo_args.h"
 #include "../math_ops.h"
 
@@ -18,6 +19,7 @@
       int64_t n_samples, bool need_mu, bool need_logvar);                                   \
   ElboOutputs elbo_cpu(const ElboArgs& args);                                               \
   void scale_cpu(at::TensorList grads, const at::Tensor& upstream);                         \
+  CategoricalOutputs categorical_cpu(const CategoricalArgs& args);                          \
   at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count);
 
 #if defined(CPU_CAPABILITY)

@@ -20,6 +20,7 @@ reparameterize_forward = _ops.reparameterize
 reparameterize_backward = _ops.reparameterize_backward
 elbo = _ops.elbo
 scale_ = _ops.scale_
+categorical = _ops.categorical
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
 torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)
@@ -27,3 +28,4 @@ torch.library.register_fake("fastvae_native::reparameterize_backward",
                             _shapes.reparameterize_backward)
 torch.library.register_fake("fastvae_native::elbo", _shapes.elbo)
 torch.library.register_fake("fastvae_native::scale_", _shapes.scale_)
+torch.library.register_fake("fastvae_native::categorical", _shapes.categorical)

@@ -10,10 +10,12 @@ heuristic per shape class (the first call on a shape compiles, without timing ru
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from ..kernels._launch import INTERPRETED
+from ..kernels.categorical import categorical
 from ..kernels.elbo import elbo
 from ..kernels.reparameterize import reparameterize_backward, reparameterize_forward
 from ..kernels.scale import scale_
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
-__all__ = ["DEVICE_TYPES", "elbo", "reparameterize_backward", "reparameterize_forward", "scale_"]
+__all__ = ["DEVICE_TYPES", "categorical", "elbo", "reparameterize_backward",
+           "reparameterize_forward", "scale_"]
