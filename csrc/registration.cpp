@@ -22,6 +22,8 @@ TORCH_LIBRARY(fastvae_native, m) {
   m.def("mixture_log_ratio_backward(Tensor grad, Tensor z, Tensor mu, Tensor logvar, "
         "Tensor means, Tensor logvars, Tensor logits, Tensor log_prior_sum, bool[6] needs_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("categorical(Tensor logits, Tensor target, Tensor? grad_scale, bool classes_last, "
+        "int reduction, bool[1] needs_grad) -> (Tensor, Tensor, Tensor)");
   // Private, for the tests' noise-stream probe: a [4, count] float32 tensor whose column c holds
   // the four normals of the Philox call first_call + c (counter (call_lo, call_hi, 0, 0), key
   // the seed), as the kernels produce them. Reaches counters >= 2**32, which only streams of

@@ -200,6 +200,13 @@ class IwaeOutputs(NamedTuple):
     grad_log_weight_offset: Tensor
 
 
+class CategoricalOutputs(NamedTuple):
+    """The categorical likelihood op's outputs: the reduced NLL, the ``[B]`` NLL rows and the
+    gradient of the logits (empty where not requested)."""
+    loss: Tensor
+    nll: Tensor
+    grad_logits: Tensor
+
 
 def _elbo(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], mu: Tensor, logvar: Tensor,
           prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta: Tensor,
@@ -225,10 +232,19 @@ def _iwae(x: Tensor, x_hat: Tensor, x_log_scale: Optional[Tensor], z: Tensor, mu
         grad_scale, likelihood, x_log_scale_const, reduction, dreg, needs_grad))
 
 
+def _categorical(logits: Tensor, target: Tensor, grad_scale: Optional[Tensor],
+                 classes_last: bool, reduction: int, needs_grad: List[bool], backend: str
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(backends.module(backend).categorical(
+        logits, target, grad_scale, classes_last, reduction, needs_grad))
+
+
 elbo_op = torch.library.custom_op("fastvae::elbo", mutates_args=())(_elbo)
 iwae_op = torch.library.custom_op("fastvae::iwae", mutates_args=())(_iwae)
+categorical_op = torch.library.custom_op("fastvae::categorical", mutates_args=())(_categorical)
 elbo_op.register_fake(_shapes.elbo)
 iwae_op.register_fake(_shapes.iwae)
+categorical_op.register_fake(_shapes.categorical)
 
 
 class _LossOp(NamedTuple):
@@ -236,27 +252,32 @@ class _LossOp(NamedTuple):
     differentiable tensors first (input i = gradient slot i), then the other tensors, then
     ``grad_scale`` and options, and last the backend; it returns the loss, then other
     non-differentiable outputs, then one gradient per slot."""
-    function: str        # the backend function: 'elbo' or 'iwae'
+    function: str        # the backend function: 'elbo', 'iwae' or 'categorical'
     custom_op: object    # the torch.library op, for tracing
     outputs: type        # the NamedTuple of the outputs
     arity: int           # op arguments, the backend included
     slots: int           # differentiable tensors
     first_grad: int      # output index of gradient slot 0
+    rows: int            # argument index of a tensor whose dim 0 is the batch
     grad_scale: int      # argument indices
     reduction: int
     needs_grad: int
     beta: Optional[int]  # argument index of a differentiable KL weight (the ELBO's β)
 
 
-def _loss_op(function, custom_op, implementation, outputs, slots) -> _LossOp:
+def _loss_op(function, custom_op, implementation, outputs, slots, rows=0) -> _LossOp:
     names = list(inspect.signature(implementation).parameters)
-    return _LossOp(function, custom_op, outputs, len(names), slots, outputs._fields.index(
-        "grad_x"), names.index("grad_scale"), names.index("reduction"), names.index("needs_grad"),
-        names.index("beta") if "beta" in names else None)
+    first_grad = next(i for i, name in enumerate(outputs._fields) if name.startswith("grad_"))
+    return _LossOp(function, custom_op, outputs, len(names), slots, first_grad, rows,
+                   names.index("grad_scale"), names.index("reduction"),
+                   names.index("needs_grad"), names.index("beta") if "beta" in names else None)
 
 
 _ELBO = _loss_op("elbo", elbo_op, _elbo, ElboOutputs, slots=7)
 _IWAE = _loss_op("iwae", iwae_op, _iwae, IwaeOutputs, slots=9)
+# The logits are [S, B, ...]: the batch is the target's dim 0.
+_CATEGORICAL = _loss_op("categorical", categorical_op, _categorical, CategoricalOutputs, slots=1,
+                        rows=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +322,7 @@ def _loss_grad(ctx, grad_loss, *unused_grads):
 
 def _recomputed_grads(ctx, inputs, grad_loss):
     spec = ctx.spec
-    batch = inputs[0].shape[0]
+    batch = inputs[spec.rows].shape[0]
     rows = grad_loss.expand(batch).contiguous()
     if ctx.reduction == Reduction.MEAN:
         rows = rows / max(batch, 1)
@@ -351,20 +372,24 @@ def _first_upstream(ctx) -> Tensor:
 
 def _row_view(grad: Tensor, upstream: Tensor) -> Tensor:
     """``grad`` as ``scale_`` takes it: as it is for a 0-dim upstream, else ``[L, B, T]`` (a
-    gradient is ``[B, n]`` or ``[L, B, n]``, see the backend contract)."""
-    return grad.unsqueeze(0) if upstream.dim() and grad.dim() == 2 else grad
+    gradient is ``[B, n]`` or ``[L, B, *n]``, see the backend contract)."""
+    if not upstream.dim():
+        return grad
+    return grad.unsqueeze(0) if grad.dim() == 2 else grad.flatten(2)
 
 
 def _scaled(grad: Tensor, upstream: Tensor, previous: Optional[Tensor]) -> Tensor:
     """A new tensor ``grad * upstream / previous``, per row for a ``[B]`` upstream."""
     factor = upstream if previous is None else upstream / previous
     factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    if factor.dim():  # rows are dim 0 of a [B, n] gradient and dim 1 of an [L, B, n] one
-        factor = factor.view(-1, 1) if grad.dim() == 2 else factor.view(1, -1, 1)
+    if factor.dim():  # rows are dim 0 of a [B, n] gradient and dim 1 of an [L, B, *n] one
+        shape = [1] * grad.dim()
+        shape[0 if grad.dim() == 2 else 1] = -1
+        factor = factor.view(shape)
     return (grad * factor).to(grad.dtype)
 
 
-for _spec in (_ELBO, _IWAE):
+for _spec in (_ELBO, _IWAE, _CATEGORICAL):
     _spec.custom_op.register_autograd(_loss_grad,
                                       setup_context=functools.partial(_loss_setup, _spec))
 
@@ -382,7 +407,7 @@ def _eager_function(spec: _LossOp):
                 {"forward": staticmethod(forward), "backward": staticmethod(_loss_grad)})
 
 
-_EAGER = {spec.function: _eager_function(spec) for spec in (_ELBO, _IWAE)}
+_EAGER = {spec.function: _eager_function(spec) for spec in (_ELBO, _IWAE, _CATEGORICAL)}
 
 
 def _run(spec: _LossOp, args, device: torch.device):
@@ -407,3 +432,9 @@ def iwae(*args, device: torch.device) -> IwaeOutputs:
     """The importance-weighted bound op on the backend for ``device``; ``args`` are the op's
     (without backend)."""
     return _run(_IWAE, args, device)
+
+
+def categorical(*args, device: torch.device) -> CategoricalOutputs:
+    """The categorical likelihood op on the backend for ``device``; ``args`` are the op's
+    (without backend)."""
+    return _run(_CATEGORICAL, args, device)

@@ -51,5 +51,14 @@ def mixture_log_ratio_backward(grad, z, mu, logvar, means, logvars, logits, log_
                  for t, need in zip(inputs, needs_grad))
 
 
+def categorical(logits, target, grad_scale, classes_last, reduction, needs_grad, *backend):
+    """Empty outputs shaped as the categorical op's: (loss, nll, grad_logits)."""
+    acc = accumulation_dtype(logits)
+    batch = logits.shape[1]
+    loss = logits.new_empty(batch if reduction == Reduction.NONE else (), dtype=acc)
+    grad = logits.new_empty(logits.shape if needs_grad[0] else (0,))
+    return loss, logits.new_empty(batch, dtype=acc), grad
+
+
 def scale_(grads, upstream):
     """In place: no outputs."""

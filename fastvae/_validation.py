@@ -11,6 +11,15 @@ from ._common import Likelihood, Reduction
 
 LIKELIHOODS = {member.name.lower(): member for member in Likelihood}
 REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
+# The categorical likelihood is not a per-element Likelihood of the loss ops but an op of its
+# own (fastvae.categorical): of the functions taking a likelihood, only elbo_loss takes it.
+CATEGORICAL = "categorical"
+ELBO_LIKELIHOODS = {**LIKELIHOODS, CATEGORICAL: CATEGORICAL}
+# Choices some functions refuse that others take: what the refusal adds.
+_TAKEN_ELSEWHERE = {("likelihood", CATEGORICAL): "only elbo_loss takes likelihood 'categorical'; "
+                                                  "fastvae.categorical_nll computes its NLL"}
+# The class-index dtypes the categorical op reads as they are; other integer dtypes are widened.
+CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
 
 
 def check_float_tensor(name, value, optional=False):
@@ -40,7 +49,9 @@ def choice(name, value, choices):
     try:
         return choices[value]
     except (KeyError, TypeError):
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}") from None
+        note = _TAKEN_ELSEWHERE.get((name, value)) if isinstance(value, str) else None
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}"
+                         + (f" ({note})" if note else "")) from None
 
 
 def check_same_shape(name_a, a, name_b, b):
@@ -139,6 +150,17 @@ def check_data(x, x_hat, name_hat):
                          f"{', '.join(map(str, x.shape))}], got {tuple(x_hat.shape)}")
 
 
+def check_class_target(target):
+    """Class indices: an integer tensor with a batch dim (not bool, float or complex)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold class indices in an integer dtype (int64 or uint8 "
+                        f"are read as they are), got {target.dtype}")
+    if target.dim() < 1:
+        raise ValueError("target must be [B, *event] with at least one dim, got a 0-dim tensor")
+
+
 def check_latents(mu, logvar, prior_mu, prior_logvar):
     check_float_tensor("mu", mu)
     check_float_tensor("logvar", logvar)
@@ -159,10 +181,11 @@ _values_checked = False
 
 def set_validate_values(enabled: bool) -> None:
     """Turn the value-checking mode on or off (off by default). When on, every call checks that
-    its floating inputs are finite and that Bernoulli targets lie in [0, 1], raising a
-    ValueError that names the argument and the first bad index. Each check reads the data back:
-    on a GPU it synchronises, so use it to debug, not to train (like torch.distributions'
-    ``validate_args`` or ``torch.autograd.set_detect_anomaly``). Skipped under torch.compile."""
+    its floating inputs are finite, that Bernoulli targets lie in [0, 1] and categorical ones in
+    [0, K), raising a ValueError that names the argument and the first bad index. Each check
+    reads the data back: on a GPU it synchronises, so use it to debug, not to train (like
+    torch.distributions' ``validate_args`` or ``torch.autograd.set_detect_anomaly``). Skipped
+    under torch.compile."""
     global _values_checked
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -189,6 +212,12 @@ def _first_bad(name, tensor, bad, requirement):
         index = tuple(bad.nonzero()[0].tolist())
         raise ValueError(f"{name} must be {requirement}, got {tensor[index].item()} at index "
                          f"{index}")
+
+
+def check_class_indices(target, classes):
+    """In the value-checking mode: every class index of ``target`` within [0, classes)."""
+    _first_bad("target", target, (target < 0) | (target >= classes),
+               f"a class index in [0, {classes})")
 
 
 def check_values(unit_interval=(), **tensors):

@@ -12,10 +12,11 @@ from torch import Tensor
 
 from . import _ops
 from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
-from ._validation import (LIKELIHOODS, REDUCTIONS, check_beta, check_broadcasts_to,
-                          check_capacity, check_data, check_float_tensor, check_latents,
-                          check_n_samples, check_positive, check_real, check_same_device,
-                          check_seed, check_values, checking_values, choice)
+from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
+                          check_broadcasts_to, check_capacity, check_data, check_float_tensor,
+                          check_latents, check_n_samples, check_positive, check_real,
+                          check_same_device, check_seed, check_values, checking_values, choice)
+from .categorical import categorical_outputs, check_categorical, check_categorical_values
 
 
 class ELBOTerms(NamedTuple):
@@ -212,32 +213,103 @@ def _logits_nll(x, logits, likelihood, reduction):
     return _nll(x, logits, None, 0.0, likelihood, reduction)
 
 
-def _check_prior_choice(prior, z, prior_mu, prior_logvar, free_bits):
-    """elbo_loss's prior is Gaussian (prior_mu, prior_logvar) or a mixture with its sample z."""
-    if prior is None:
-        if z is not None:
+class _KlOptions(NamedTuple):
+    """elbo_loss's options of the KL term."""
+    beta: object
+    free_bits: float
+    capacity: object
+    prior: object  # a GaussianMixture, or None for the Gaussian prior of the latents
+    z: Optional[Tensor]
+
+
+def _check_kl_options(options: _KlOptions, prior_mu, prior_logvar):
+    """The KL options' own checks; a mixture prior excludes a Gaussian one and free bits."""
+    check_beta(options.beta)
+    check_capacity(options.capacity)
+    check_real("free_bits", options.free_bits, minimum=0.0)
+    if options.prior is None:
+        if options.z is not None:
             raise ValueError("z is only used with a mixture prior (prior=GaussianMixture(...))")
         return
     if prior_mu is not None or prior_logvar is not None:
         raise ValueError("give either a Gaussian prior (prior_mu, prior_logvar) or a mixture "
                          "prior (prior), not both")
-    if z is None:
+    if options.z is None:
         raise ValueError("a mixture prior needs the sample z: its KL is estimated from it")
-    if free_bits:
+    if options.free_bits:
         raise ValueError("free_bits applies per latent dim; the KL to a mixture prior is not a "
                          "sum over latent dims")
 
 
-def _mixture_elbo(x, x_hat, decoder_scale, latents, prior, weights, likelihood, reduction):
-    """ELBOTerms of NLL + β·KL with the sample-based KL to a mixture prior (|KL − C| with a
-    capacity): the NLL from the fused op, the KL from the mixture op."""
-    from . import mixture  # mixture.py builds on this module's helpers
-    (beta, capacity), (z, mu, logvar) = weights, latents
-    nll = _nll(x, x_hat, *decoder_scale, likelihood, reduction)
-    kl = mixture.mixture_kl(z, mu, logvar, prior)
-    kl_term = kl if capacity is None else (kl - capacity).abs()
-    loss = nll + reduce_rows(beta * kl_term, reduction)
-    return ELBOTerms(loss, nll.detach(), reduce_rows(kl, reduction).detach())
+def _kl_part(latents, options: _KlOptions, reduction, like):
+    """The KL term on its own, ``reduce(β·KL term)``, and the ``[B]`` KL rows: from the loss op
+    on an empty event (a Gaussian prior; its loss dtype follows ``like``) or from the mixture
+    op (|KL − C| with a capacity)."""
+    mu, logvar = latents[:2]
+    if options.prior is not None:
+        from . import mixture  # mixture.py builds on this module's helpers
+        kl = mixture.mixture_kl(options.z, mu, logvar, options.prior)
+        term = kl if options.capacity is None else (kl - options.capacity).abs()
+        return reduce_rows(options.beta * term, reduction), kl
+    empty = like.new_empty(mu.shape[0], 0)
+    out = _fused(empty, empty.unsqueeze(0), None, 0.0, latents, options.beta, options.free_bits,
+                 Likelihood.GAUSSIAN, reduction, options.capacity)
+    return out.loss, out.kl
+
+
+def _categorical_elbo(target, logits, latents, options, class_dim, scales, reduction):
+    """ELBOTerms with the categorical likelihood: its NLL from the categorical op, the KL
+    from _kl_part, each reduced (and differentiated) alike, then added."""
+    for name, value in scales.items():
+        if value is not None:
+            raise ValueError(f"{name} does not belong to likelihood 'categorical'")
+    layout = check_categorical(target, logits, -1 if class_dim is None else class_dim)
+    mu, logvar, prior_mu, prior_logvar = latents
+    check_latents(*latents)
+    if mu.shape[0] != target.shape[0]:
+        raise ValueError(f"mu must be [B, *latent] with B = {target.shape[0]} (target's first "
+                         f"dim), got {tuple(mu.shape)}")
+    check_same_device(x=target, x_hat=logits, mu=mu, logvar=logvar, prior_mu=prior_mu,
+                      prior_logvar=prior_logvar, z=options.z)
+    if checking_values():
+        check_categorical_values(target, logits, layout)
+        check_values(mu=mu, logvar=logvar, beta=options.beta, capacity=options.capacity,
+                     prior_mu=prior_mu, prior_logvar=prior_logvar)
+    nll = categorical_outputs(target, logits, layout, reduction)
+    kl_loss, kl = _kl_part(latents, options, reduction, logits)
+    return ELBOTerms(nll.loss + kl_loss, reduce_rows(nll.nll, reduction).detach(),
+                     reduce_rows(kl, reduction).detach())
+
+
+def _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, return_terms):
+    """elbo_loss with a per-element likelihood: one fused op, or with a mixture prior the
+    fused NLL plus the mixture's KL."""
+    mu, logvar, prior_mu, prior_logvar = latents
+    check_data(x, x_hat, "x_hat")
+    check_latents(*latents)
+    if mu.shape[0] != x.shape[0]:
+        raise ValueError(f"mu must be [B, *latent] with B = {x.shape[0]} (x's first dim), got "
+                         f"{tuple(mu.shape)}")
+    theta, const = _theta(likelihood, scales, x_hat.shape)
+    check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
+                      prior_mu=prior_mu, prior_logvar=prior_logvar, z=options.z)
+    if checking_values():
+        check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat,
+                     mu=mu, logvar=logvar, beta=options.beta, capacity=options.capacity,
+                     prior_mu=prior_mu, prior_logvar=prior_logvar, **scales)
+    if options.prior is not None:
+        nll = _nll(x, x_hat, theta, const, likelihood, reduction)
+        kl_loss, kl = _kl_part(latents, options, reduction, x)
+        terms = ELBOTerms(nll + kl_loss, nll.detach(), reduce_rows(kl, reduction).detach())
+        return terms if return_terms else terms.loss
+    if x_hat.dim() == x.dim():
+        x_hat = x_hat.unsqueeze(0)
+    out = _fused(x, x_hat, theta, const, latents, options.beta, options.free_bits, likelihood,
+                 reduction, options.capacity)
+    if not return_terms:
+        return out.loss
+    return ELBOTerms(out.loss, reduce_rows(out.nll, reduction).detach(),
+                     reduce_rows(out.kl, reduction).detach())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,18 +430,21 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
               x_logscale: Optional[Tensor] = None, scale=None, beta=1.0, free_bits: float = 0.0,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
               reduction: str = "mean", return_terms: bool = False, capacity=None,
-              prior=None, z: Optional[Tensor] = None):
+              prior=None, z: Optional[Tensor] = None, class_dim: Optional[int] = None):
     """The negative ELBO, ``NLL + beta * KL``, in nats, fused in one pass; with a capacity C,
     ``NLL + beta * |KL − C|`` (Burgess et al. 2018).
 
     Args:
-        x: data ``[B, *event]``.
+        x: data ``[B, *event]`` (class indices for the categorical likelihood).
         x_hat: decoder output ``[B, *event]`` or ``[S, B, *event]`` (the NLL is averaged over
             the S samples): the mean (Gaussian), the location (Laplace) or the **logits**
-            (Bernoulli, continuous Bernoulli; probabilities would give a wrong loss).
+            (Bernoulli, continuous Bernoulli; probabilities would give a wrong loss); for the
+            categorical likelihood logits with a class dim (see ``class_dim``).
         mu, logvar: the encoder's ``[B, *latent]``; the KL is summed over all latent dims.
-        likelihood: 'gaussian', 'bernoulli', 'laplace' or 'continuous_bernoulli' (x_hat are
-            logits, as for the Bernoulli).
+        likelihood: 'gaussian', 'bernoulli', 'laplace', 'continuous_bernoulli' (x_hat are
+            logits, as for the Bernoulli) or 'categorical' (see :func:`categorical_nll`).
+        class_dim: categorical only: -1 (default) for ``x_hat`` of ``[(S,) B, *event, K]``, 1
+            for ``[(S,) B, K, *event]``.
         x_logvar / sigma: Gaussian decoder variance as log σ² or σ (see :func:`gaussian_nll`).
         x_logscale / scale: Laplace decoder scale as log b or b (see :func:`laplace_nll`).
         beta: float or 0-dim tensor weighting the KL (a tensor avoids recompiles).
@@ -390,35 +465,15 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
-    likelihood = choice("likelihood", likelihood, LIKELIHOODS)
+    likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
-    check_data(x, x_hat, "x_hat")
-    check_latents(mu, logvar, prior_mu, prior_logvar)
-    if mu.shape[0] != x.shape[0]:
-        raise ValueError(f"mu must be [B, *latent] with B = {x.shape[0]} (x's first dim), got "
-                         f"{tuple(mu.shape)}")
-    check_beta(beta)
-    check_capacity(capacity)
-    check_real("free_bits", free_bits, minimum=0.0)
-    _check_prior_choice(prior, z, prior_mu, prior_logvar, free_bits)
-    theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
-                                       "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
-    check_same_device(x=x, x_hat=x_hat, mu=mu, logvar=logvar, x_log_scale=theta,
-                      prior_mu=prior_mu, prior_logvar=prior_logvar)
-    if checking_values():
-        check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat,
-                     mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma, x_logscale=x_logscale,
-                     scale=scale, beta=beta, capacity=capacity, prior_mu=prior_mu,
-                     prior_logvar=prior_logvar)
-    if prior is not None:
-        terms = _mixture_elbo(x, x_hat, (theta, const), (z, mu, logvar), prior, (beta, capacity),
-                              likelihood, reduction)
+    latents = (mu, logvar, prior_mu, prior_logvar)
+    options = _KlOptions(beta, free_bits, capacity, prior, z)
+    _check_kl_options(options, prior_mu, prior_logvar)
+    scales = {"x_logvar": x_logvar, "sigma": sigma, "x_logscale": x_logscale, "scale": scale}
+    if likelihood == CATEGORICAL:
+        terms = _categorical_elbo(x, x_hat, latents, options, class_dim, scales, reduction)
         return terms if return_terms else terms.loss
-    if x_hat.dim() == x.dim():
-        x_hat = x_hat.unsqueeze(0)
-    out = _fused(x, x_hat, theta, const, (mu, logvar, prior_mu, prior_logvar), beta, free_bits,
-                 likelihood, reduction, capacity)
-    if not return_terms:
-        return out.loss
-    return ELBOTerms(out.loss, reduce_rows(out.nll, reduction).detach(),
-                     reduce_rows(out.kl, reduction).detach())
+    if class_dim is not None:
+        raise ValueError("class_dim belongs to likelihood 'categorical' only")
+    return _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, return_terms)

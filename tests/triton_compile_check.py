@@ -145,6 +145,27 @@ def mixtures(backend):
         backend.mixture_log_ratio_backward(rows, z, mu, mu, means, means, logits, rows, [True] * 6)
 
 
+# (logits dtype, classes last, K, target dtype, grad_scale, needs_grad) of the categorical op
+CATEGORICAL = [
+    (torch.float32, True, 256, torch.uint8, False, True),
+    (torch.float32, False, 256, torch.uint8, True, True),
+    (torch.bfloat16, True, 5000, torch.int64, False, True),
+    (torch.float16, False, 3, torch.int64, False, True),
+    (torch.float64, False, 17, torch.int64, True, True),
+    (torch.float32, True, 2, torch.int64, False, False),
+]
+
+
+def categorical(backend):
+    for dtype, classes_last, classes, target_dtype, grad_scale, needs in CATEGORICAL:
+        shape = (2, 6, 300, classes) if classes_last else (2, 6, classes, 300)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        backend.categorical(torch.zeros(shape, dtype=dtype),
+                            torch.zeros(6, 300, dtype=target_dtype),
+                            torch.ones(6, dtype=acc) if grad_scale else None, classes_last, 0,
+                            [needs])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--every-config", action="store_true")
@@ -159,6 +180,7 @@ def main():
         scaling(backend)
         bounds(backend)
         mixtures(backend)
+        categorical(backend)
     losses(backend, compiler, options.every_config)
     print(len(compiler.compiled), "kernel variants compiled for sm_80 and sm_90")
 

@@ -51,6 +51,11 @@ fastvae::IwaeOutputs iwae(const fastvae::IwaeArgs& args) {
   return use_avx512() ? fastvae::AVX512::iwae_cpu(args) : fastvae::AVX2::iwae_cpu(args);
 }
 
+fastvae::CategoricalOutputs categorical(const fastvae::CategoricalArgs& args) {
+  return use_avx512() ? fastvae::AVX512::categorical_cpu(args)
+                      : fastvae::AVX2::categorical_cpu(args);
+}
+
 void scale_(at::TensorList grads, const at::Tensor& upstream) {
   return use_avx512() ? fastvae::AVX512::scale_cpu(grads, upstream)
                       : fastvae::AVX2::scale_cpu(grads, upstream);
@@ -87,6 +92,7 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("elbo", &fastvae::elbo_op<&elbo>);
   m.impl("iwae", &fastvae::iwae_op<&iwae>);
   m.impl("scale_", &scale_);
+  m.impl("categorical", &fastvae::categorical_op<&categorical>);
   m.impl("_philox_normals", &philox_normals);
   m.impl("mixture_log_ratio", &mixture_log_ratio);
   m.impl("mixture_log_ratio_backward", &mixture_log_ratio_backward);

@@ -7,6 +7,7 @@
 
 #include <tuple>
 
+#include "../categorical_args.h"
 #include "../elbo_args.h"
 #include "../iwae_args.h"
 #include "../math_ops.h"
@@ -20,6 +21,7 @@
   ElboOutputs elbo_cpu(const ElboArgs& args);                                               \
   IwaeOutputs iwae_cpu(const IwaeArgs& args);                                               \
   void scale_cpu(at::TensorList grads, const at::Tensor& upstream);                         \
+  CategoricalOutputs categorical_cpu(const CategoricalArgs& args);                          \
   at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count);
 
 #if defined(CPU_CAPABILITY)

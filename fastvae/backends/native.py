@@ -23,6 +23,7 @@ iwae = _ops.iwae
 scale_ = _ops.scale_
 mixture_log_ratio = _ops.mixture_log_ratio
 mixture_log_ratio_backward = _ops.mixture_log_ratio_backward
+categorical = _ops.categorical
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
 torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)
@@ -34,3 +35,4 @@ torch.library.register_fake("fastvae_native::scale_", _shapes.scale_)
 torch.library.register_fake("fastvae_native::mixture_log_ratio", _shapes.mixture_log_ratio)
 torch.library.register_fake("fastvae_native::mixture_log_ratio_backward",
                             _shapes.mixture_log_ratio_backward)
+torch.library.register_fake("fastvae_native::categorical", _shapes.categorical)

@@ -98,12 +98,29 @@ only sees the shapes documented here.
     −Σ_{s,b} g·r_k(z − m_k)e^−v_k, −Σ_{s,b} g·r_k·½((z − m_k)²e^−v_k − 1) and
     −Σ_{s,b} g·(r_k − π_k) for the components (m, v) = (means, logvars) and the logits.
 
+``categorical(logits, target, grad_scale, classes_last, reduction, needs_grad)``
+    The categorical likelihood of discrete data (the NLL of ``F.cross_entropy``), with the
+    gradient formed in forward as Liger-Kernel's cross-entropy does. ``logits``: contiguous
+    ``[S, B, D, K]`` when ``classes_last`` else ``[S, B, K, D]`` (the class-second layout of
+    ``F.cross_entropy``), float16, bfloat16, float32 or float64, S ≥ 1, K ≥ 1 (not bounded by
+    the kernels: their log-sum-exp over K is online or tiled); ``target``: contiguous ``[B, D]``,
+    int64 or uint8; ``grad_scale``, ``reduction`` as in ``elbo``; ``needs_grad``: 1 bool.
+    With ``ℓ = logits[s, b, d, :]`` (or ``[s, b, :, d]``) and ``t = target[b, d]``:
+
+    Returns ``(loss, nll, grad_logits)``: ``nll[b]`` = mean over s of
+    ``Σ_d (logsumexp_k ℓ_k − ℓ_t)`` and ``loss`` = ``nll`` reduced, both in the loss dtype
+    (float64 for float64 logits, else float32); ``grad_logits`` = ``w_b/S·(softmax(ℓ) −
+    onehot(t))`` in ``logits``' dtype and layout (``w_b`` as in ``elbo``), or an empty tensor
+    of that dtype when not needed. A target outside [0, K) is never read from: that position's
+    NLL, and with it the row's, is NaN, and so is its gradient.
+
 ``scale_(grads, upstream)``
     Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
     ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
-    view (its rows in dim 1). Each element becomes ``g * upstream``, computed in float32
-    (float64 for float64 grads) and rounded once. Where ``upstream`` is 1 (per row for
-    ``[B]``) nothing is written; kernels make that test on the device (no host sync).
+    view (its rows in dim 1; the categorical gradient as ``[S, B, D·K]``). Each element becomes
+    ``g * upstream``, computed in float32 (float64 for float64 grads) and rounded once. Where
+    ``upstream`` is 1 (per row for ``[B]``) nothing is written; kernels make that test on the
+    device (no host sync).
 
 The per-element negative log-likelihoods, with r = x − x̂ and θ as above:
     GAUSSIAN  ½(r²·e^−θ + θ + log 2π)
@@ -380,6 +397,30 @@ def mixture_log_ratio_backward(grad, z, mu, logvar, means, logvars, logits, log_
              -(g * (responsibility - torch.softmax(logits_, 0))).sum((0, 1)))
     return tuple(grad_.to(t.dtype) if need else z.new_empty(0)
                  for grad_, t, need in zip(grads, inputs, needs_grad))
+
+
+def categorical(logits, target, grad_scale, classes_last, reduction, needs_grad):
+    acc = accumulation_dtype(logits)
+    n_samples, batch = logits.shape[:2]
+    dim = 3 if classes_last else 2  # the class dim
+    values = logits.to(acc)
+    classes = values.shape[dim]
+    index = target.long()
+    valid = ((index >= 0) & (index < classes)).unsqueeze(0).unsqueeze(dim)
+    # An out-of-range target is clamped for the gather only; its position becomes NaN below.
+    index = index.clamp(0, classes - 1).unsqueeze(0).unsqueeze(dim)
+    index = index.expand(n_samples, *index.shape[1:])
+    log_total = torch.logsumexp(values, dim, keepdim=True)
+    picked = torch.where(valid, log_total - values.gather(dim, index), math.nan)
+    nll = picked.sum((2, 3)).sum(0) / n_samples
+    loss = reduce_rows(nll.clone(), reduction)  # a tensor of its own, also for 'none'
+    if not needs_grad[0]:
+        return loss, nll, logits.new_empty(0)
+    weight = _row_weights(grad_scale, reduction, batch, acc, logits.device) / n_samples
+    grad = torch.exp(values - log_total).scatter_add_(dim, index, valid.to(acc).neg().expand(
+        index.shape))
+    grad = torch.where(valid, grad.mul_(weight.view(1, batch, 1, 1)), math.nan)
+    return loss, nll, grad.to(logits.dtype)
 
 
 def scale_(grads, upstream):

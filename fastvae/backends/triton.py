@@ -10,6 +10,7 @@ heuristic per shape class (the first call on a shape compiles, without timing ru
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
 from ..kernels._launch import INTERPRETED
+from ..kernels.categorical import categorical
 from ..kernels.elbo import elbo
 from ..kernels.iwae import iwae
 from ..kernels.mixture import mixture_log_ratio, mixture_log_ratio_backward
@@ -18,5 +19,6 @@ from ..kernels.scale import scale_
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
-__all__ = ["DEVICE_TYPES", "elbo", "iwae", "mixture_log_ratio", "mixture_log_ratio_backward",
-           "reparameterize_backward", "reparameterize_forward", "scale_"]
+__all__ = ["DEVICE_TYPES", "categorical", "elbo", "iwae", "mixture_log_ratio",
+           "mixture_log_ratio_backward", "reparameterize_backward", "reparameterize_forward",
+           "scale_"]
