@@ -35,12 +35,24 @@ install() {  # $1: the extras to install (test | bench)
 run_tests() {
     install test
     "$PYTHON" -c "import triton" 2>/dev/null || "$PYTHON" -m pip install --quiet "triton==3.9.0"
-    "$PYTHON" -m pytest tests -q
-    TRITON_INTERPRET=1 FASTVAE_TEST_BACKENDS=triton "$PYTHON" -m pytest tests -q
+    # The CUDA compile check (nvcc, one core) runs beside the test runs (one core each in turn);
+    # its output is shown once it is done.
+    local nvcc_log="" nvcc_pid=""
     if command -v nvcc >/dev/null; then
-        csrc/cuda/check_compile.sh
+        nvcc_log=$(mktemp)
+        PYTHON="$PYTHON" csrc/cuda/check_compile.sh >"$nvcc_log" 2>&1 &
+        nvcc_pid=$!
     else
         echo "run.sh: nvcc not found; skipping the CUDA compile check"
+    fi
+    "$PYTHON" -m pytest tests -q
+    TRITON_INTERPRET=1 FASTVAE_TEST_BACKENDS=triton "$PYTHON" -m pytest tests -q
+    if [[ -n "$nvcc_pid" ]]; then
+        local nvcc_status=0
+        wait "$nvcc_pid" || nvcc_status=$?
+        cat "$nvcc_log"
+        rm -f "$nvcc_log"
+        ((nvcc_status == 0)) || { echo "run.sh: the CUDA compile check failed" >&2; return 1; }
     fi
 }
 

@@ -85,3 +85,28 @@ def test_bad_arguments_raise(backend, change, match):
         options.pop("prior")
     with pytest.raises((ValueError, TypeError), match=match):
         fastvae.elbo_loss(x, x_hat, mu, logvar, **options)
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_categorical_likelihood_with_capacity_and_either_prior(backend, mixture):
+    """The categorical NLL composes with a capacity and with a Gaussian or mixture prior."""
+    _, _, z, mu, logvar, prior = _inputs(seed=3)
+    g = generator(4)
+    target = torch.randint(0, 6, (5, 7), generator=g, device=TEST_DEVICE)
+    logits = torch.randn(5, 6, 7, generator=g, dtype=F64, device=TEST_DEVICE).requires_grad_()
+    options = {"prior": prior, "z": z} if mixture else {}
+    got = fastvae.elbo_loss(target, logits, mu, logvar, likelihood="categorical", class_dim=1,
+                            beta=0.5, capacity=2.0, **options)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="none").sum(-1)
+    if mixture:
+        mix = dist.MixtureSameFamily(dist.Categorical(logits=prior.logits), dist.Independent(
+            dist.Normal(prior.means, torch.exp(0.5 * prior.logvars)), 2))
+        kl = dist.Independent(dist.Normal(mu, torch.exp(0.5 * logvar)), 2).log_prob(z) \
+            - mix.log_prob(z)
+    else:
+        kl = oracle.kl_rows(mu, logvar)
+    want = (nll + 0.5 * (kl - 2.0).abs()).mean()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-10)
+    leaves = [logits, mu, logvar] + ([z, *prior] if mixture else [])
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
