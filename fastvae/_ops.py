@@ -1,20 +1,22 @@
-"""The two fused ops and their autograd, on two call paths that share one backward.
+"""The fused ops and their autograd, on two call paths that share one backward.
 
 * Eager calls take the fast path: a ``torch.autograd.Function`` calling the resolved backend
   module directly, or the backend itself when no gradient is wanted. Python between the user
   and the kernel is one cached backend lookup and the Function's own dispatch.
-* Under ``torch.compile`` the same computation is the ``torch.library`` custom op
-  ``fastvae::elbo`` / ``fastvae::reparameterize``, with fake implementations and
-  ``register_autograd``, so the compiler sees one opaque node with known shapes; ``opcheck``
-  tests these ops.
+* Under ``torch.compile`` the same computation is a ``torch.library`` custom op
+  (``fastvae::elbo``, ``iwae``, ``categorical``, ``reparameterize``, ``mixture_log_ratio``),
+  with fake implementations and ``register_autograd``, so the compiler sees one opaque node
+  with known shapes; ``opcheck`` tests these ops.
 
-The loss forms its gradients in the forward pass. Its backward multiplies them by the upstream
+The loss ops (elbo, iwae, categorical) share one autograd glue, described by ``_LossOp``. Each
+forms its gradients in the forward pass. Its backward multiplies them by the upstream
 gradient: on the eager path in place, by the backend's ``scale_``, whose kernels test on the
 device whether the upstream gradient is 1 and then touch nothing (a plain ``loss.backward()``
 costs no pass over the gradients and no host sync); under tracing as an ordinary multiply.
 Only the first backward through a graph scales in place; a later one (``retain_graph=True``)
 returns new tensors, so a gradient already handed to autograd never changes.
-The sampling op saves only ``logvar`` (an input) and the seed, and regenerates ε in backward.
+The sampling op saves only ``logvar`` (an input) and the seed, and regenerates ε in backward;
+the mixture prior's op recomputes its responsibilities in backward from the latent tensors.
 """
 import functools
 import inspect

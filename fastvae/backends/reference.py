@@ -1,7 +1,7 @@
 """The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
 
 Every backend module (``reference``, ``native``, ``triton``) exposes ``DEVICE_TYPES`` (the
-device types it runs on) and the same four functions with the same normalised arguments; the
+device types it runs on) and the same functions with the same normalised arguments; the
 public API in ``functional.py`` does the validation, reshaping and broadcasting, so a backend
 only sees the shapes documented here.
 
