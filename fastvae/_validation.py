@@ -12,12 +12,14 @@ from ._common import Likelihood, Reduction
 LIKELIHOODS = {member.name.lower(): member for member in Likelihood}
 REDUCTIONS = {"none": Reduction.NONE, "mean": Reduction.MEAN, "sum": Reduction.SUM}
 # The categorical likelihood is not a per-element Likelihood of the loss ops but an op of its
-# own (fastvae.categorical): of the functions taking a likelihood, only elbo_loss takes it.
+# own (fastvae.categorical): of the functions taking a likelihood, elbo_loss and iwae_loss
+# take it.
 CATEGORICAL = "categorical"
 ELBO_LIKELIHOODS = {**LIKELIHOODS, CATEGORICAL: CATEGORICAL}
 # Choices some functions refuse that others take: what the refusal adds.
-_TAKEN_ELSEWHERE = {("likelihood", CATEGORICAL): "only elbo_loss takes likelihood 'categorical'; "
-                                                  "fastvae.categorical_nll computes its NLL"}
+_TAKEN_ELSEWHERE = {("likelihood", CATEGORICAL): "only elbo_loss and iwae_loss take likelihood "
+                                                  "'categorical'; fastvae.categorical_nll "
+                                                  "computes its NLL"}
 # The class-index dtypes the categorical op reads as they are; other integer dtypes are widened.
 CLASS_INDEX_DTYPES = (torch.int64, torch.uint8)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._common import Reduction
 from ._validation import (CLASS_INDEX_DTYPES, REDUCTIONS, check_class_indices,
                           check_class_target, check_float_tensor, check_same_device,
                           check_values, checking_values, choice)
@@ -68,6 +69,18 @@ def categorical_outputs(target: Tensor, logits: Tensor, layout: CategoricalLayou
     needs_grad = [torch.is_grad_enabled() and logits.requires_grad]
     return _ops.categorical(logits4, target2, None, classes_last, int(reduction), needs_grad,
                             device=logits.device)
+
+
+def per_sample_nll(target: Tensor, logits: Tensor, layout: CategoricalLayout) -> Tensor:
+    """``[S, B]``: the NLL of each sample of ``[S, B, ...]`` logits, for the importance-weighted
+    bound: the samples become rows of one op call (the targets, K times smaller than the
+    logits, are repeated per sample), so the gradient is formed in forward and scaled per
+    sample and row in backward."""
+    samples, batch = logits.shape[0], target.shape[0]
+    rows = target.expand(samples, *target.shape).reshape(samples * batch, *target.shape[1:])
+    out = categorical_outputs(rows, logits.flatten(0, 1), layout._replace(samples=1),
+                              Reduction.NONE)
+    return out.loss.view(samples, batch)
 
 
 def categorical_nll(target: Tensor, logits: Tensor, *, class_dim: int = -1,

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from . import _ops, mixture
-from ._common import Reduction, accumulation_dtype
-from ._validation import (LIKELIHOODS, REDUCTIONS, check_data, check_float_tensor,
-                          check_latents, check_n_samples, check_same_device, check_values,
-                          checking_values, choice)
+from ._common import Likelihood, Reduction, accumulation_dtype
+from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_data,
+                          check_float_tensor, check_latents, check_n_samples, check_same_device,
+                          check_values, checking_values, choice)
+from .categorical import check_categorical, check_categorical_values, per_sample_nll
 from .functional import (_UNIT_INTERVAL_DATA, _as, _flat_latents, _flattened,
                          _gradients_wanted, _grouped, _latent_dtype, _theta, reparameterize)
 from .mixture import GaussianMixture
@@ -109,10 +110,25 @@ def _mixture_offset(z, mu, logvar, prior, dtype):
     return q_over_standard.flatten(2).sum(-1) - log_ratio
 
 
-def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction):
+def _categorical_decoder(target, logits, class_dim):
+    """The categorical likelihood in the bound: its per-sample log-likelihood ``[S, B]`` from
+    the categorical op (an offset to the log weights), and an empty event standing in for x
+    and x_hat in the bound op."""
+    layout = check_categorical(target, logits, -1 if class_dim is None else class_dim)
+    if logits.dim() != target.dim() + 2:
+        raise ValueError(f"logits must be [S, B, ...] with a sample dim for the bound, got "
+                         f"{tuple(logits.shape)} for target {tuple(target.shape)}")
+    check_same_device(target=target, logits=logits)
+    if checking_values():
+        check_categorical_values(target, logits, layout)
+    empty = logits.new_empty(logits.shape[0], target.shape[0], 0)
+    return empty[0], empty, -per_sample_nll(target, logits, layout)
+
+
+def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction, log_px=None):
     """Normalise shapes and run the bound op. ``decoder`` is (x_hat, θ, θ constant),
     ``latents`` (mu, logvar, prior_mu, prior_logvar) as given, ``prior`` a mixture or None."""
-    x_hat, theta, theta_const = decoder
+    x_hat, theta, theta_const = decoder  # log_px: a likelihood outside the op, [S, B] or None
     dtype = _latent_dtype(z, *latents)
     x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
     theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
@@ -120,7 +136,7 @@ def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction):
     if tie is not None:  # DReG: no score-function term, so q's parameters get no direct path
         latents = (latents[0].detach(), latents[1].detach()) + tuple(latents[2:])
     loss_dtype = accumulation_dtype(x, x_hat, theta, z3)
-    offsets = [] if tie is None else [_as(tie, loss_dtype)]
+    offsets = [_as(t, loss_dtype) for t in (tie, log_px) if t is not None]
     if prior is not None:
         if tie is not None:  # DReG weights the prior's path to z by w̃² too: a tie of its own
             z, own_tie = _DregTie.apply(z)
@@ -139,7 +155,7 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
               x_logscale: Optional[Tensor] = None, scale=None,
               prior_mu: Optional[Tensor] = None, prior_logvar: Optional[Tensor] = None,
               prior: Optional[GaussianMixture] = None, dreg: Optional[Tensor] = None,
-              reduction: str = "mean") -> Tensor:
+              reduction: str = "mean", class_dim: Optional[int] = None) -> Tensor:
     """The negative importance-weighted bound, ``log S − logsumexp_s log w_s``, in nats,
     fused in one op: it never copies ``x`` S times or stores ``[S, B, *event]`` temporaries.
 
@@ -156,12 +172,21 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
             density enters the log weights (streamed over the components).
         dreg: None for the standard IWAE gradient, or the tie of :func:`fastvae.dreg` for
             DReG (then ``x_hat`` must be decoded from that function's first output).
+        class_dim: with likelihood 'categorical' (``x`` class indices, ``x_hat`` logits
+            ``[S, B, *event, K]``, or ``[S, B, K, *event]`` with class_dim=1), as in
+            :func:`fastvae.categorical_nll`; its per-sample NLL comes from the categorical op.
         reduction: 'mean' over datapoints, 'sum', or 'none' → ``[B]``.
     Returns:
         The loss (float32; float64 for float64 inputs).
     """
-    likelihood = choice("likelihood", likelihood, LIKELIHOODS)
+    likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
+    log_px = None
+    if likelihood == CATEGORICAL:
+        x, x_hat, log_px = _categorical_decoder(x, x_hat, class_dim)
+        likelihood = Likelihood.GAUSSIAN  # of the empty event: no terms
+    elif class_dim is not None:
+        raise ValueError("class_dim belongs to likelihood 'categorical' only")
     _check_bound_args(x, x_hat, z, mu, logvar, prior_mu, prior_logvar, dreg)
     if prior is not None:
         if prior_mu is not None or prior_logvar is not None:
@@ -179,7 +204,7 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
                      x_logscale=x_logscale, scale=scale, prior_mu=prior_mu,
                      prior_logvar=prior_logvar, **({} if prior is None else prior._asdict()))
     return _bound(x, (x_hat, theta, const), z, (mu, logvar, prior_mu, prior_logvar), dreg, prior,
-                  likelihood, reduction).loss
+                  likelihood, reduction, log_px).loss
 
 
 @torch.no_grad()

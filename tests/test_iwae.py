@@ -439,3 +439,51 @@ def test_mixture_prior_matches_distributions(backend, estimator):
 def F_bce(logits, x):
     return torch.nn.functional.binary_cross_entropy_with_logits(
         logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("class_dim", [-1, 1])
+def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim):
+    """The categorical likelihood's per-sample NLL in the log weights: the bound and the model
+    gradients against plain autograd with F.cross_entropy."""
+    model, x = _model_and_data(5)
+    classes = 4
+    decoder = torch.nn.Linear(3, 8 * classes).double().to(TEST_DEVICE)
+    target = torch.randint(0, classes, (6, 8), generator=generator(8), device=TEST_DEVICE)
+
+    def logits_of(z):
+        logits = decoder(z).unflatten(-1, (8, classes))
+        return logits if class_dim == -1 else logits.movedim(-1, -2).contiguous()
+
+    mu, logvar = model.encoder(x).chunk(2, -1)
+    z = fastvae.reparameterize(mu, logvar, n_samples=3, seed=9)
+    decoder_input, tie = fastvae.dreg(z) if estimator == "dreg" else (z, None)
+    loss = fastvae.iwae_loss(target, logits_of(decoder_input), z, mu, logvar,
+                             likelihood="categorical", class_dim=class_dim, dreg=tie)
+    parameters = [*model.encoder.parameters(), *decoder.parameters()]
+    got = torch.autograd.grad(loss, parameters)
+
+    def log_w(z, mu, logvar):
+        logits = decoder(z).unflatten(-1, (8, classes))
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 2), target.expand(
+            3, 6, 8).flatten(), reduction="none").view(3, 6, 8).sum(-1)
+        log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+        return log_prior - log_posterior - nll
+
+    mu, logvar = model.encoder(x).chunk(2, -1)
+    z = mu + torch.exp(0.5 * logvar) * ((z - mu) * torch.exp(-0.5 * logvar)).detach()
+    bound = lambda w: (torch.logsumexp(w, 0) - math.log(3)).mean()  # noqa: E731
+    if estimator == "iwae":
+        want = torch.autograd.grad(-bound(log_w(z, mu, logvar)), parameters)
+    else:
+        weights = log_w(z, mu.detach(), logvar.detach())
+        tilde = torch.softmax(weights, 0).detach()
+        want = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(),
+                                   list(model.encoder.parameters()))
+        want += torch.autograd.grad(-bound(log_w(z.detach(), mu.detach(), logvar.detach())),
+                                    list(decoder.parameters()))
+    torch.testing.assert_close(loss, -bound(log_w(z, mu, logvar)).detach(), rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-11)
+
