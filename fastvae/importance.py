@@ -110,10 +110,13 @@ def _mixture_offset(z, mu, logvar, prior, dtype):
     return q_over_standard.flatten(2).sum(-1) - log_ratio
 
 
-def _categorical_decoder(target, logits, class_dim):
+def _categorical_decoder(target, logits, class_dim, scales):
     """The categorical likelihood in the bound: its per-sample log-likelihood ``[S, B]`` from
     the categorical op (an offset to the log weights), and an empty event standing in for x
-    and x_hat in the bound op."""
+    and x_hat in the bound op. It has no decoder scale: ``scales`` must all be None."""
+    for name, value in scales.items():
+        if value is not None:
+            raise ValueError(f"{name} does not belong to likelihood 'categorical'")
     layout = check_categorical(target, logits, -1 if class_dim is None else class_dim)
     if logits.dim() != target.dim() + 2:
         raise ValueError(f"logits must be [S, B, ...] with a sample dim for the bound, got "
@@ -181,9 +184,10 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
     """
     likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
+    scales = {"x_logvar": x_logvar, "sigma": sigma, "x_logscale": x_logscale, "scale": scale}
     log_px = None
     if likelihood == CATEGORICAL:
-        x, x_hat, log_px = _categorical_decoder(x, x_hat, class_dim)
+        x, x_hat, log_px = _categorical_decoder(x, x_hat, class_dim, scales)
         likelihood = Likelihood.GAUSSIAN  # of the empty event: no terms
     elif class_dim is not None:
         raise ValueError("class_dim belongs to likelihood 'categorical' only")
@@ -193,16 +197,14 @@ def iwae_loss(x: Tensor, x_hat: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *
             raise ValueError("give either a Gaussian prior (prior_mu, prior_logvar) or a "
                              "mixture prior (prior), not both")
         mixture.check_mixture(prior, mu.shape[1:])
-    theta, const = _theta(likelihood, {"x_logvar": x_logvar, "sigma": sigma,
-                                       "x_logscale": x_logscale, "scale": scale}, x_hat.shape)
+    theta, const = _theta(likelihood, scales, x_hat.shape)
     check_same_device(x=x, x_hat=x_hat, z=z, mu=mu, logvar=logvar, x_log_scale=theta,
                       prior_mu=prior_mu, prior_logvar=prior_logvar, dreg=dreg,
                       **({} if prior is None else prior._asdict()))
     if checking_values():
         check_values(("x",) if likelihood in _UNIT_INTERVAL_DATA else (), x=x, x_hat=x_hat, z=z,
-                     mu=mu, logvar=logvar, x_logvar=x_logvar, sigma=sigma,
-                     x_logscale=x_logscale, scale=scale, prior_mu=prior_mu,
-                     prior_logvar=prior_logvar, **({} if prior is None else prior._asdict()))
+                     mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                     **scales, **({} if prior is None else prior._asdict()))
     return _bound(x, (x_hat, theta, const), z, (mu, logvar, prior_mu, prior_logvar), dreg, prior,
                   likelihood, reduction, log_px).loss
 

@@ -272,6 +272,7 @@ def test_bitwise_repeatable(backend):
     (dict(tie_shape=(3, 3)), r"dreg must be the tie"),
     (dict(likelihood="poisson"), "likelihood"),
     (dict(sigma=0.0), "sigma"),
+    (dict(likelihood="categorical", sigma=0.5), "sigma does not belong"),
 ])
 def test_bad_arguments_raise(backend, bad, match):
     x = torch.rand(2, 4, device=TEST_DEVICE)
