@@ -1,8 +1,10 @@
 """The fused ops and their autograd, on two call paths that share one backward.
 
-* Eager calls take the fast path: a ``torch.autograd.Function`` calling the resolved backend
-  module directly, or the backend itself when no gradient is wanted. Python between the user
-  and the kernel is one cached backend lookup and the Function's own dispatch.
+* Eager calls take the fast path: the resolved backend module's function itself when it
+  records its own autograd (the native ops, whose autograd is C++: ``csrc/autograd.cpp``
+  follows the rules written here) or when no gradient is wanted; else a
+  ``torch.autograd.Function`` calling it. Python between the user and the kernel is one cached
+  backend lookup (and the Function's own dispatch).
 * Under ``torch.compile`` the same computation is a ``torch.library`` custom op
   (``fastvae::elbo``, ``iwae``, ``categorical``, ``reparameterize``, ``mixture_log_ratio``),
   with fake implementations and ``register_autograd``, so the compiler sees one opaque node
@@ -90,7 +92,8 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> 
         name = backends.resolve_name(backends.get_backend(), mu.device.type)
         return reparameterize_op(mu, logvar, seed, n_samples, name)
     backend = backends.implementation(mu.device)[1]
-    if torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and (mu.requires_grad
+                                                                     or logvar.requires_grad):
         return _EagerReparameterize.apply(mu, logvar, seed, n_samples, backend)
     return backend.reparameterize_forward(mu, logvar, seed, n_samples)
 
@@ -161,7 +164,8 @@ def mixture_log_ratio(*args: Tensor) -> Tuple[Tensor, Tensor]:
         return mixture_log_ratio_op(*args, backends.resolve_name(backends.get_backend(),
                                                                  device.type))
     backend = backends.implementation(device)[1]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and any(t.requires_grad
+                                                                        for t in args):
         return _EagerMixture.apply(*args, backend)
     return backend.mixture_log_ratio(*args)
 
@@ -419,8 +423,8 @@ def _run(spec: _LossOp, args, device: torch.device):
         name = backends.resolve_name(backends.get_backend(), device.type)
         return spec.outputs._make(spec.custom_op(*args, name))
     backend = backends.implementation(device)[1]
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                       for t in args[:spec.grad_scale]):
+    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in args[:spec.grad_scale]):
         return spec.outputs._make(_EAGER[spec.function].apply(*args, backend))
     return spec.outputs._make(getattr(backend, spec.function)(*args))
 

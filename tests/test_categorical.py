@@ -435,6 +435,10 @@ def test_opcheck_native(backend):
             torch.library.opcheck(torch.ops.fastvae_native.categorical.default,
                                   (logits.detach(), target.reshape(3, -1).to(torch.uint8),
                                    weights, classes_last, reduction, needs))
+        # with logits requiring grad: the op's C++ autograd
+        torch.library.opcheck(torch.ops.fastvae_native.categorical.default,
+                              (logits.detach().requires_grad_(), target.reshape(3, -1), weights,
+                               classes_last, reduction, [True]))
 
 
 # ----------------------------------------------------------------------------------------------

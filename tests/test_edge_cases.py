@@ -1,6 +1,9 @@
 """Empty batches, non-contiguous inputs, grad mode and the memory rule."""
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
 from cases import build, differentiable, generator, pick
@@ -87,17 +90,37 @@ class SavedTensors:
         self._hooks.__exit__(*exc)
 
 
+class _NativeElboCalls(TorchDispatchMode):
+    """Sees every call of the native elbo op, those made by its C++ autograd included."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fastvae_native.elbo.default:
+            self.calls.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
 def spy_needs_grad(monkeypatch, backend):
-    """Record the ``needs_grad`` flags each call of the backend's elbo receives."""
-    module = backends.module(backend)
-    calls, original = [], module.elbo
+    """Record the ``needs_grad`` flags each call of the backend's elbo receives: through the
+    backend module, or for ops that record their own autograd (native: backward runs in C++)
+    through a dispatch mode."""
+    calls, module = [], backends.module(backend)
+    if module.RECORDS_AUTOGRAD:
+        with _NativeElboCalls(calls):
+            yield calls
+        return
+    original = module.elbo
 
     def spy(*args):
         calls.append(list(args[-1]))
         return original(*args)
 
     monkeypatch.setattr(module, "elbo", spy)
-    return calls
+    yield calls
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -131,14 +154,14 @@ def test_memory_rule_sampling(backend):
 
 
 def test_no_gradients_computed_without_grad(backend, monkeypatch):
-    calls = spy_needs_grad(monkeypatch, backend)
     x = torch.randn(3, 4)
     x_hat, mu, logvar = (torch.randn(3, 4, requires_grad=True), torch.randn(3, 2, requires_grad=True),
                          torch.randn(3, 2, requires_grad=True))
-    with torch.no_grad(), SavedTensors() as record:
-        fastvae.elbo_loss(x, x_hat, mu, logvar)
-    fastvae.elbo_loss(x, x_hat.detach(), mu.detach(), logvar.detach())
-    fastvae.elbo_loss(x, x_hat, mu.detach(), logvar.detach())
+    with spy_needs_grad(monkeypatch, backend) as calls:
+        with torch.no_grad(), SavedTensors() as record:
+            fastvae.elbo_loss(x, x_hat, mu, logvar)
+        fastvae.elbo_loss(x, x_hat.detach(), mu.detach(), logvar.detach())
+        fastvae.elbo_loss(x, x_hat, mu.detach(), logvar.detach())
     assert record.saved == []
     assert calls == [[False] * 7, [False] * 7, [False, True] + [False] * 5]
 
@@ -146,13 +169,13 @@ def test_no_gradients_computed_without_grad(backend, monkeypatch):
 def test_shared_inputs_with_reduction_none_recompute_in_backward(backend, monkeypatch):
     """An input shared by all datapoints cannot get its gradient in forward under 'none': then
     forward forms no gradient at all and backward recomputes every one it needs."""
-    calls = spy_needs_grad(monkeypatch, backend)
     x = torch.randn(3, 4, dtype=torch.float64)
     x_hat = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     x_logvar = torch.randn(4, dtype=torch.float64, requires_grad=True)
     mu, logvar = torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
-    loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, reduction="none")
-    loss.backward(torch.arange(3.0, dtype=torch.float64))
+    with spy_needs_grad(monkeypatch, backend) as calls:
+        loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, reduction="none")
+        loss.backward(torch.arange(3.0, dtype=torch.float64))
     assert calls[0][:3] == [False, False, False] and calls[1][:3] == [False, True, True]
     want = sum(w * torch.autograd.grad(fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar,
                                                          reduction="none")[i], x_logvar)[0]

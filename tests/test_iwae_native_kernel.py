@@ -208,7 +208,16 @@ def test_opcheck():
     """Schema, fake implementation and dispatch of the raw native op."""
     for options in ({}, {"dtype": torch.float32, "prior": "shared", "reduction": "none",
                          "offset": True, "grad_scale": True, "dreg": True}):
-        torch.library.opcheck(torch.ops.fastvae_native.iwae.default, iwae_args(**options))
+        args = iwae_args(**options)
+        torch.library.opcheck(torch.ops.fastvae_native.iwae.default, args)
+        # With every input requiring grad: the op's C++ autograd. needs_grad as the API forms
+        # it: under 'none' a shared prior's gradient cannot take row weights, so none is formed
+        # in forward and backward recomputes them.
+        leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and i < 9 else t
+                  for i, t in enumerate(args)]
+        if options.get("reduction") == "none":
+            leaves[-1] = [False] * 9
+        torch.library.opcheck(torch.ops.fastvae_native.iwae.default, tuple(leaves))
 
 
 # ---------------------------------------------------------------------------------------------

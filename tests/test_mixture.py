@@ -260,9 +260,10 @@ def test_opcheck_native_ops(backend):
     if backend != "native":
         pytest.skip("only the native backend registers ops of its own")
     native = torch.ops.fastvae_native
-    for dtype in (torch.float64, torch.float16):
+    for dtype, requires_grad in ((torch.float64, False), (torch.float16, False),
+                                 (torch.float64, True)):  # the last: its C++ autograd
         torch.library.opcheck(native.mixture_log_ratio.default,
-                              _op_inputs(dtype, requires_grad=False))
+                              _op_inputs(dtype, requires_grad=requires_grad))
         torch.library.opcheck(native.mixture_log_ratio_backward.default,
                               _backward_args(dtype, [True, True, False, False, True, True]))
 

@@ -76,6 +76,20 @@ def test_opcheck_native_ops(backend):
                           (torch.randn(30), torch.randn(10), _seed(7), 3, False, True))
 
 
+@pytest.mark.parametrize("name", ["bernoulli_shared_prior_sum_beta_grad",
+                                  "log_scale_full_none_grad_scale", "laplace_shared_log_scale_none"])
+def test_opcheck_native_autograd(backend, name):
+    """The native ops' autograd, registered in C++ (csrc/autograd.cpp), with inputs requiring
+    grad: eager against traced (aot_dispatch), and the recomputing backward ('none' with a shared
+    input)."""
+    if backend != "native":
+        pytest.skip("only the native backend registers ops of its own")
+    native = torch.ops.fastvae_native
+    args = elbo_args(requires_grad=True, needs="api", **OPCHECK_ELBO[name])
+    torch.library.opcheck(native.elbo.default, args.backend_args())
+    torch.library.opcheck(native.reparameterize.default, (_leaf(10), _leaf(10), _seed(7), 3))
+
+
 def test_opcheck_native_scale(backend):
     if backend != "native":
         pytest.skip("only the native backend registers ops of its own")

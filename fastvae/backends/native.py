@@ -14,6 +14,9 @@ except ImportError as error:
         "`pip install --no-build-isolation -e .`") from error
 
 DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
+# The ops carry their autograd in C++ (csrc/autograd.cpp): an eager call enters no Python
+# between the op and its kernel, in forward or backward.
+RECORDS_AUTOGRAD = True
 
 _ops = torch.ops.fastvae_native
 reparameterize_forward = _ops.reparameterize

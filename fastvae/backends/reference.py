@@ -1,7 +1,10 @@
 """The reference backend: plain PyTorch, hand-written gradients, the oracle for every kernel.
 
 Every backend module (``reference``, ``native``, ``triton``) exposes ``DEVICE_TYPES`` (the
-device types it runs on) and the same functions with the same normalised arguments; the
+device types it runs on), ``RECORDS_AUTOGRAD`` (whether its ``elbo``, ``iwae``,
+``categorical``, ``reparameterize_forward`` and ``mixture_log_ratio`` record their own autograd
+node, by the rules of ``fastvae._ops``; where they do not, ``fastvae._ops`` wraps them) and the
+same functions with the same normalised arguments; the
 public API in ``functional.py`` does the validation, reshaping and broadcasting, so a backend
 only sees the shapes documented here.
 
@@ -142,6 +145,7 @@ from .._common import (CB_LOG_SERIES, CB_SERIES, CB_SWITCH, CB_TERMS, LOG_2, LOG
 from .._philox import normal_stream
 
 DEVICE_TYPES = ("cpu", "cuda")
+RECORDS_AUTOGRAD = False
 
 
 def _noise(seed, numel, dtype):

@@ -18,7 +18,8 @@ from ..kernels.reparameterize import reparameterize_backward, reparameterize_for
 from ..kernels.scale import scale_
 
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
+RECORDS_AUTOGRAD = False
 
-__all__ = ["DEVICE_TYPES", "categorical", "elbo", "iwae", "mixture_log_ratio",
+__all__ = ["DEVICE_TYPES", "RECORDS_AUTOGRAD", "categorical", "elbo", "iwae", "mixture_log_ratio",
            "mixture_log_ratio_backward", "reparameterize_backward", "reparameterize_forward",
            "scale_"]
