@@ -324,6 +324,7 @@ struct ReparameterizeBackward : Node {
             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                       const at::Tensor&, int64_t, bool, bool)>();
     const bool need_mu = should_compute_output(0), need_logvar = should_compute_output(1);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_mu, grad_logvar] = backward_op.call(grads[0].contiguous(), logvar.unpack(),
                                                    seed.unpack(), samples, need_mu, need_logvar);
     if (need_mu) out[0] = std::move(grad_mu);
@@ -379,6 +380,7 @@ struct MixtureBackward : Node {
     for (size_t i = 0; i < kMixtureInputs; ++i) needs[i] = should_compute_output(i);
     variable_list saved;
     for (const SavedVariable& input : inputs) saved.push_back(input.unpack());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto all = backward_op.call(grads[0].contiguous(), saved[0], saved[1], saved[2],
                                       saved[3], saved[4], saved[5], saved[6], needs);
     const variable_list computed = {std::get<0>(all), std::get<1>(all), std::get<2>(all),

@@ -73,7 +73,10 @@ def check_broadcasts_to(name, value, shape, target_name):
 
 
 def check_real(name, value, minimum=None, strict=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # (a float is tested first: isinstance against the numbers ABCs is slow, and this runs on
+    # every call)
+    if type(value) is not float and (isinstance(value, bool)
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if value != value:
         raise ValueError(f"{name} must not be NaN")

@@ -36,16 +36,23 @@ def _grouped(tensor: Tensor, shape, groups) -> Tensor:
     dims of ``shape``: size 1 where it is broadcast over the whole group, else the group's size.
     Without a broadcast inside a group this is one view (one autograd node, not four)."""
     own = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
-    expanded, sizes, start = [], [], 0
+    expanded, sizes, start = (), [], 0
     for count in groups:
-        full, mine = shape[start:start + count], own[start:start + count]
-        broadcast = all(n == 1 for n in mine)
-        expanded += mine if broadcast else full
-        sizes.append(1 if broadcast else math.prod(full))
-        start += count
-    if tuple(expanded) != own:
+        end = start + count
+        mine = own[start:end]
+        if mine.count(1) == count:  # broadcast along the whole group
+            expanded += mine
+            sizes.append(1)
+        else:
+            full = tuple(shape[start:end])
+            expanded += full
+            sizes.append(full[0] if count == 1 else math.prod(full))
+        start = end
+    if expanded != own:
         tensor = tensor.reshape(own).expand(expanded)
-    return tensor.reshape(sizes).contiguous()
+    if tensor.dim() != len(sizes) or tensor.shape != sizes:  # a view costs an autograd node
+        tensor = tensor.reshape(sizes)
+    return tensor.contiguous()
 
 
 def _flattened(tensor: Tensor, lead: int) -> Tensor:
