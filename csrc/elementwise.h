@@ -57,7 +57,7 @@ FASTVAE_HD DensityRatioTerms<T> density_ratio_terms(T z, T mu, T logvar, T inv_v
 
 // log Σ e^v over a stream of values without overflow: a running maximum and the sum of
 // e^(v − maximum), rescaled whenever the maximum rises. Nothing per value is kept, so the number
-// of values (the importance samples) is not bounded.
+// of values (the importance samples, the classes) is not bounded. Scalars only (it branches).
 template <typename T>
 struct OnlineLogSumExp {
   T maximum = -std::numeric_limits<T>::infinity();
@@ -70,6 +70,20 @@ struct OnlineLogSumExp {
     } else if (value != -std::numeric_limits<T>::infinity()) {  // e^-inf adds nothing; NaN stays
       sum += MathOps<T>::exp(value - maximum);
     }
+  }
+  // Takes in another stream's state, as if its values had been added here: how a reduction
+  // (a warp's shuffles) joins partial streams. Commutative to the bit, so every lane of a
+  // shuffle tree ends with the same state.
+  FASTVAE_HD void merge(const OnlineLogSumExp& other) {
+    const T larger = maximum > other.maximum ? maximum : other.maximum;
+    if (larger == -std::numeric_limits<T>::infinity()) {
+      // Both streams empty (sum 0) or of NaNs only (sum NaN): e^(−inf − −inf) would be NaN.
+      sum += other.sum;
+      return;
+    }
+    sum = sum * MathOps<T>::exp(maximum - larger) +
+          other.sum * MathOps<T>::exp(other.maximum - larger);
+    maximum = larger;
   }
   FASTVAE_HD T total() const { return maximum + MathOps<T>::log(sum); }
 };

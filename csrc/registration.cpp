@@ -29,6 +29,9 @@ TORCH_LIBRARY(fastvae_native, m) {
   // the seed), as the kernels produce them. Reaches counters >= 2**32, which only streams of
   // more than 2**34 elements would otherwise touch.
   m.def("_philox_normals(Tensor seed, int first_call, int count) -> Tensor");
+  // Private, for the tests of thread-count invariance: how many threads a parallel loop of the
+  // CPU kernels runs on under the current torch.set_num_threads (cpu/threads.cpp).
+  m.def("_parallel_threads() -> int");
 }
 
 namespace {

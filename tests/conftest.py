@@ -5,6 +5,7 @@
 cpu; 'triton' runs on CPU only under ``TRITON_INTERPRET=1``). Tensors a test creates inside
 the ``backend`` fixture land on that device.
 """
+import contextlib
 import os
 
 import pytest
@@ -17,6 +18,25 @@ cuda_only = pytest.mark.skipif(not ON_CUDA, reason="a CUDA-only behaviour: run t
                                "FASTVAE_TEST_DEVICE=cuda on a GPU")
 cpu_only = pytest.mark.skipif(ON_CUDA, reason="about CPU tensors only; its CUDA counterpart "
                               "runs in the CUDA tests")
+
+
+@contextlib.contextmanager
+def intra_op_threads(count):
+    """``torch.set_num_threads(count)`` inside the block. Where the native extension is built,
+    first checks that its kernels' parallel loops now run on ``count`` threads: kernels whose
+    loops stayed serial would pass every comparison of 1 against 2 threads trivially."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        if "native" in fastvae.available_backends("cpu"):
+            used = torch.ops.fastvae_native._parallel_threads()
+            assert used == count, (
+                f"the native kernels' parallel loops ran on {used} threads under "
+                f"torch.set_num_threads({count}): fastvae._C was built without OpenMP or with "
+                "an OpenMP runtime other than torch's (CMakeLists.txt)")
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def backends_under_test():

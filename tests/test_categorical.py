@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fastvae
 import oracle
 from cases import TEST_DEVICE, generator
+from conftest import intra_op_threads
 
 REDUCTIONS = ["none", "mean", "sum"]
 LAYOUTS = {"last": -1, "second": 1}  # layout name -> class_dim
@@ -348,16 +349,18 @@ def test_bitwise_repeatable_and_across_thread_counts(backend, layout):
     """The same loss and gradient on a repeat and (CPU) with 1 and 2 intra-op threads: the
     blocks' partial sums are added in a fixed order."""
     target, logits = inputs(layout, 33, (40,), samples=2, batch=8, dtype=torch.float32, seed=13)
-    before = torch.get_num_threads()
-    runs = []
-    try:
-        for threads in (1, 2, 2) if TEST_DEVICE.type == "cpu" else (before, before):
-            torch.set_num_threads(threads)
-            loss = fastvae.categorical_nll(target, logits, class_dim=LAYOUTS[layout],
-                                           reduction="sum")
-            runs.append((loss, torch.autograd.grad(loss, logits)[0]))
-    finally:
-        torch.set_num_threads(before)
+
+    def run():
+        loss = fastvae.categorical_nll(target, logits, class_dim=LAYOUTS[layout], reduction="sum")
+        return loss, torch.autograd.grad(loss, logits)[0]
+
+    if TEST_DEVICE.type != "cpu":
+        runs = [run(), run()]
+    else:
+        runs = []
+        for threads in (1, 2, 2):
+            with intra_op_threads(threads):
+                runs.append(run())
     for loss, grad in runs[1:]:
         assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
 

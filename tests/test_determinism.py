@@ -4,7 +4,7 @@ import torch
 
 import fastvae
 from cases import TEST_DEVICE, generator
-from conftest import cpu_only
+from conftest import cpu_only, intra_op_threads
 from models import SAMPLES, EveryFunctionVAE, batch
 
 
@@ -26,9 +26,7 @@ def test_training_step_is_bitwise_repeatable(backend):
 
 
 def _threaded_step(base, x, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         leaves = [t.clone().requires_grad_() for t in base]
         x_hat, x_logvar, mu, logvar = leaves
         z = fastvae.reparameterize(mu, logvar, SAMPLES, seed=77)
@@ -37,8 +35,6 @@ def _threaded_step(base, x, threads):
                                  prior_mu=mu.detach()[0] * 0.5)
         loss.backward()
         return [loss.detach(), z.detach()] + [t.grad for t in leaves]
-    finally:
-        torch.set_num_threads(before)
 
 
 @cpu_only

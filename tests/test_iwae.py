@@ -107,28 +107,27 @@ def _fused_grads(model, x, samples, estimator, likelihood):
     return loss, torch.autograd.grad(loss, list(model.parameters())), z
 
 
-def _surrogate_grads(model, x, z_fused, estimator, likelihood):
-    """The estimators as surrogate losses of plain PyTorch: IWAE differentiates the bound
-    itself; DReG takes the encoder gradient of −Σ_s sg(w̃_s²) log w_s with q's parameters
-    stopped, and the decoder gradient of the bound with z stopped (Tucker et al. 2018, eq. 7)."""
-    mu, logvar = model.encoder(x).chunk(2, -1)
+def _surrogate(log_w, z_fused, mu, logvar, encoder, decoder, estimator):
+    """The bound's value and the estimator's gradients with respect to the parameter lists
+    ``encoder`` and ``decoder`` (a learned prior's with the decoder's), from surrogate losses of
+    plain PyTorch: IWAE differentiates the bound itself; DReG takes the encoder gradient of
+    −Σ_s sg(w̃_s²) log w_s with q's parameters stopped, and the decoder gradient of the bound
+    with z stopped (Tucker et al. 2018, eq. 7). ``log_w(z, mu, logvar)`` gives the [S, B] log
+    weights; z = mu + σ·ε carries the noise ε of the fused call's sample ``z_fused``."""
     eps = ((z_fused - mu) * torch.exp(-0.5 * logvar)).detach()
     z = mu + torch.exp(0.5 * logvar) * eps
-    samples = z.shape[0]
 
-    def log_w(z, mu, logvar):
-        return oracle.log_weights(x, model.decoder(z), z, mu, logvar, likelihood=likelihood)
+    def negative_bound(weights):
+        return -(torch.logsumexp(weights, 0) - math.log(z.shape[0])).mean()
 
-    encoder, decoder = list(model.encoder.parameters()), list(model.decoder.parameters())
+    loss = negative_bound(log_w(z, mu, logvar))
     if estimator == "iwae":
-        bound = torch.logsumexp(log_w(z, mu, logvar), 0) - math.log(samples)
-        return torch.autograd.grad(-bound.mean(), encoder + decoder)
+        return loss.detach(), torch.autograd.grad(loss, encoder + decoder)
     weights = log_w(z, mu.detach(), logvar.detach())
     tilde = torch.softmax(weights, 0).detach()
-    encoder_grads = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(), encoder)
+    grads = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(), encoder)
     stopped = log_w(z.detach(), mu.detach(), logvar.detach())
-    bound = torch.logsumexp(stopped, 0) - math.log(samples)
-    return encoder_grads + torch.autograd.grad(-bound.mean(), decoder)
+    return loss.detach(), grads + torch.autograd.grad(negative_bound(stopped), decoder)
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
@@ -136,7 +135,14 @@ def _surrogate_grads(model, x, z_fused, estimator, likelihood):
 def test_model_gradients_match_surrogate_losses(backend, estimator, likelihood):
     model, x = _model_and_data()
     loss, got, z = _fused_grads(model, x, 5, estimator, likelihood)
-    want = _surrogate_grads(model, x, z.detach(), estimator, likelihood)
+
+    def log_w(z, mu, logvar):
+        return oracle.log_weights(x, model.decoder(z), z, mu, logvar, likelihood=likelihood)
+
+    want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
+                                 list(model.encoder.parameters()),
+                                 list(model.decoder.parameters()), estimator)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
@@ -420,19 +426,10 @@ def test_mixture_prior_matches_distributions(backend, estimator):
         return log_px + mixture.log_prob(z) - dist.Independent(
             dist.Normal(mu, torch.exp(0.5 * logvar)), 1).log_prob(z)
 
-    mu, logvar = model.encoder(x).chunk(2, -1)
-    z = mu + torch.exp(0.5 * logvar) * ((z - mu) * torch.exp(-0.5 * logvar)).detach()
-    bound = lambda w: (torch.logsumexp(w, 0) - math.log(5)).mean()  # noqa: E731
-    if estimator == "iwae":
-        want = torch.autograd.grad(-bound(log_w(z, mu, logvar)), parameters)
-    else:
-        weights = log_w(z, mu.detach(), logvar.detach())
-        tilde = torch.softmax(weights, 0).detach()
-        encoder = list(model.encoder.parameters())
-        want = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(), encoder)
-        stopped = log_w(z.detach(), mu.detach(), logvar.detach())
-        want += torch.autograd.grad(-bound(stopped), [*model.decoder.parameters(), *prior])
-    torch.testing.assert_close(loss, -bound(log_w(z, mu, logvar)).detach(), rtol=1e-10, atol=1e-10)
+    want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
+                                 list(model.encoder.parameters()),
+                                 [*model.decoder.parameters(), *prior], estimator)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-8, atol=1e-11)
 
@@ -472,19 +469,10 @@ def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim):
         log_posterior = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
         return log_prior - log_posterior - nll
 
-    mu, logvar = model.encoder(x).chunk(2, -1)
-    z = mu + torch.exp(0.5 * logvar) * ((z - mu) * torch.exp(-0.5 * logvar)).detach()
-    bound = lambda w: (torch.logsumexp(w, 0) - math.log(3)).mean()  # noqa: E731
-    if estimator == "iwae":
-        want = torch.autograd.grad(-bound(log_w(z, mu, logvar)), parameters)
-    else:
-        weights = log_w(z, mu.detach(), logvar.detach())
-        tilde = torch.softmax(weights, 0).detach()
-        want = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(),
-                                   list(model.encoder.parameters()))
-        want += torch.autograd.grad(-bound(log_w(z.detach(), mu.detach(), logvar.detach())),
-                                    list(decoder.parameters()))
-    torch.testing.assert_close(loss, -bound(log_w(z, mu, logvar)).detach(), rtol=1e-10, atol=1e-10)
+    want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
+                                 list(model.encoder.parameters()), list(decoder.parameters()),
+                                 estimator)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-11)
 

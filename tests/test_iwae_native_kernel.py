@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from cases import TEST_DEVICE
-from conftest import cpu_only
+from conftest import cpu_only, intra_op_threads
 from fastvae._common import IWAE_INPUTS, Likelihood, Reduction, accumulation_dtype
 
 native = pytest.importorskip("fastvae.backends.native", reason="fastvae._C not built")
 from fastvae.backends import reference  # noqa: E402
-from test_native import _threads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(TEST_DEVICE.type not in native.DEVICE_TYPES,
                                 reason=f"the native extension is not built for {TEST_DEVICE.type}")
@@ -197,8 +196,10 @@ def test_bitwise_equal_across_thread_counts(log_scale, prior):
     """B = 2048: 8 chunks of 256 rows, so the sums over rows are split between threads."""
     args = iwae_args(samples=3, batch=2048, features=50, latent=8, dtype=torch.float32,
                      log_scale=log_scale, prior=prior, offset=True, reduction="sum")
-    one = _threads(1, lambda: native.iwae(*args))
-    two = _threads(2, lambda: native.iwae(*args))
+    with intra_op_threads(1):
+        one = native.iwae(*args)
+    with intra_op_threads(2):
+        two = native.iwae(*args)
     for name, a, b in zip(OUTPUTS, one, two):
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
     assert_matches_reference(args, tolerance=1e-4)

@@ -9,7 +9,7 @@ from torch import nn
 
 import fastvae
 from cases import TEST_DEVICE, generator
-from conftest import cpu_only
+from conftest import cpu_only, intra_op_threads
 from fastvae.backends import reference
 
 NAMES = ("z", "mu", "logvar", "means", "logvars", "logits")
@@ -145,14 +145,10 @@ def test_native_bitwise_equal_across_thread_counts(backend):
     grad = _upstream(600, torch.float32).view(2, 300)
     results = []
     for threads in (1, 2):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with intra_op_threads(threads):
             ratio, log_prior_sum = torch.ops.fastvae_native.mixture_log_ratio(*inputs)
             results.append((ratio, *torch.ops.fastvae_native.mixture_log_ratio_backward(
                 grad, *inputs, log_prior_sum, [True] * 6)))
-        finally:
-            torch.set_num_threads(previous)
     for index, (one, two) in enumerate(zip(*results)):
         assert torch.equal(one, two), f"output {index} differs between 1 and 2 threads"
 

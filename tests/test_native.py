@@ -1,12 +1,17 @@
 """What only the native backend needs checked: results independent of the thread count (to the
-bit, and equal to the reference), the C++ noise stream against the Python one (also at Philox
+bit, and equal to the reference) with the kernels really running on the threads asked for, in
+torch's own OpenMP runtime; the C++ noise stream against the Python one (also at Philox
 counters past 2**32), and float64 gradcheck through the public API."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import fastvae
 from cases import TEST_DEVICE
-from conftest import cpu_only
+from conftest import cpu_only, intra_op_threads
 from fastvae import _philox
 from noise import philox_normals
 from op_args import elbo_args
@@ -17,15 +22,6 @@ from fastvae.backends import reference  # noqa: E402
 ops = torch.ops.fastvae_native
 pytestmark = pytest.mark.skipif(TEST_DEVICE.type not in native.DEVICE_TYPES,
                                 reason=f"the native extension is not built for {TEST_DEVICE.type}")
-
-
-def _threads(count, function):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        return function()
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _seed(value):
@@ -54,14 +50,40 @@ THREAD_CASES = {
 def test_elbo_bitwise_equal_across_thread_counts_and_close_to_reference(case):
     options = {"samples": 2, **THREAD_CASES[case]}
     args = elbo_args(batch=2048, latent=64, features=700, seed=7, **options).backend_args()
-    one = _threads(1, lambda: ops.elbo(*args))
-    two = _threads(2, lambda: ops.elbo(*args))
+    with intra_op_threads(1):
+        one = ops.elbo(*args)
+    with intra_op_threads(2):
+        two = ops.elbo(*args)
     want = reference.elbo(*args)
     tolerance = 2e-2 if options.get("dtype") == torch.bfloat16 else 2e-5
     for index, (a, b, w) in enumerate(zip(one, two, want)):
         assert torch.equal(a, b), f"output {index} differs between 1 and 2 threads"
         torch.testing.assert_close(a, w, rtol=tolerance, atol=tolerance,
                                    msg=lambda m: f"output {index} against the reference: {m}")
+
+
+# In a fresh process: the OpenMP runtimes mapped after `import torch`, then after loading _C.
+_RUNTIMES_SCRIPT = """
+import os, torch
+def runtimes():
+    paths = {line.split()[-1] for line in open("/proc/self/maps") if "/" in line}
+    prefixes = ("libgomp", "libiomp", "libomp")
+    return sorted(p for p in paths if os.path.basename(p).startswith(prefixes))
+before = runtimes()
+import fastvae.backends.native
+torch.ops.fastvae_native._parallel_threads()
+print(before == runtimes(), before, runtimes())
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_kernels_load_no_openmp_runtime_beside_torchs():
+    """The kernels' parallel loops must run in the OpenMP runtime that torch.set_num_threads
+    governs (CMakeLists.txt): a second one would keep its own thread count and threads."""
+    result = subprocess.run([sys.executable, "-c", _RUNTIMES_SCRIPT], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith("True"), result.stdout
 
 
 @cpu_only
@@ -73,7 +95,10 @@ def test_reparameterize_bitwise_equal_across_thread_counts_and_close_to_referenc
     for name in ("reparameterize_forward", "reparameterize_backward"):
         args = (mu, logvar, seed, 3) if name == "reparameterize_forward" else \
             (grad_z, logvar, seed, 3, True, True)
-        one, two = (_threads(n, lambda: getattr(native, name)(*args)) for n in (1, 2))
+        with intra_op_threads(1):
+            one = getattr(native, name)(*args)
+        with intra_op_threads(2):
+            two = getattr(native, name)(*args)
         want = getattr(reference, name)(*args)
         if name == "reparameterize_forward":
             one, two, want = (one,), (two,), (want,)

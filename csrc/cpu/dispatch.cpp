@@ -66,6 +66,11 @@ at::Tensor philox_normals(const at::Tensor& seed, int64_t first_call, int64_t co
                       : fastvae::AVX2::philox_normals_cpu(seed, first_call, count);
 }
 
+int64_t parallel_threads() {
+  return use_avx512() ? fastvae::AVX512::parallel_threads_cpu()
+                      : fastvae::AVX2::parallel_threads_cpu();
+}
+
 fastvae::MixtureForward mixture_log_ratio(const at::Tensor& z, const at::Tensor& mu,
                                           const at::Tensor& logvar, const at::Tensor& means,
                                           const at::Tensor& logvars, const at::Tensor& logits) {
@@ -96,4 +101,10 @@ TORCH_LIBRARY_IMPL(fastvae_native, CPU, m) {
   m.impl("_philox_normals", &philox_normals);
   m.impl("mixture_log_ratio", &mixture_log_ratio);
   m.impl("mixture_log_ratio_backward", &mixture_log_ratio_backward);
+}
+
+// An op without tensor arguments has no device to dispatch on: CompositeExplicitAutograd is the
+// kernel the dispatcher falls back to for it.
+TORCH_LIBRARY_IMPL(fastvae_native, CompositeExplicitAutograd, m) {
+  m.impl("_parallel_threads", &parallel_threads);
 }

@@ -22,7 +22,8 @@
   IwaeOutputs iwae_cpu(const IwaeArgs& args);                                               \
   void scale_cpu(at::TensorList grads, const at::Tensor& upstream);                         \
   CategoricalOutputs categorical_cpu(const CategoricalArgs& args);                          \
-  at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count);
+  at::Tensor philox_normals_cpu(const at::Tensor& seed, int64_t first_call, int64_t count); \
+  int64_t parallel_threads_cpu();
 
 #if defined(CPU_CAPABILITY)
 FASTVAE_NAMESPACE_BEGIN

@@ -13,7 +13,7 @@
 #include <limits>
 
 #include "../categorical_args.h"
-#include "../math_ops.h"
+#include "../elementwise.h"
 #include "elbo.cuh"
 
 namespace fastvae {
@@ -21,36 +21,6 @@ namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
-
-template <typename acc_t>
-__device__ acc_t exp_of(acc_t x) {
-  return MathOps<acc_t>::exp(x);
-}
-
-// A running log-sum-exp: the max seen and Σ exp(x − max). Combining two is commutative, so a
-// shuffle tree gives every lane the same bits.
-template <typename acc_t>
-struct LogTotal {
-  acc_t top = -std::numeric_limits<acc_t>::infinity();
-  acc_t total = 0;
-
-  __device__ void add(acc_t x) {
-    if (x > top) {
-      total = total * exp_of(top - x) + acc_t(1);
-      top = x;
-    } else if (x != -std::numeric_limits<acc_t>::infinity()) {  // NaN adds NaN
-      total += exp_of(x - top);
-    }
-  }
-  __device__ void combine(acc_t other_top, acc_t other_total) {
-    const acc_t shared_top = top > other_top ? top : other_top;
-    if (shared_top == -std::numeric_limits<acc_t>::infinity()) return;  // both empty
-    total = total * exp_of(top - shared_top) +
-            other_total * exp_of(other_top - shared_top);
-    top = shared_top;
-  }
-  __device__ acc_t value() const { return top + MathOps<acc_t>::log(total); }
-};
 
 template <typename acc_t>
 struct Problem {
@@ -82,7 +52,8 @@ struct Problem {
     if (!grad.data) return;
     const acc_t weight = t >= 0 ? weights(b) / static_cast<acc_t>(samples) : nan;
     for (int64_t k = first; k < classes; k += step) {
-      const acc_t softmax = exp_of(load<acc_t>(logits, base + k * stride) - log_total);
+      const acc_t logit = load<acc_t>(logits, base + k * stride);
+      const acc_t softmax = MathOps<acc_t>::exp(logit - log_total);
       store(grad, base + k * stride, (softmax - acc_t(k == t ? 1 : 0)) * weight);
     }
   }
@@ -97,13 +68,13 @@ __global__ void classes_last_kernel(Problem<acc_t> a) {
   for (int64_t p = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
        p < positions; p += warps) {
     const int64_t base = p * a.classes;
-    LogTotal<acc_t> lanes;
+    OnlineLogSumExp<acc_t> lanes;
     for (int64_t k = lane; k < a.classes; k += kWarp) lanes.add(load<acc_t>(a.logits, base + k));
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      lanes.combine(__shfl_xor_sync(0xffffffffu, lanes.top, offset),
-                    __shfl_xor_sync(0xffffffffu, lanes.total, offset));
+      lanes.merge({__shfl_xor_sync(0xffffffffu, lanes.maximum, offset),
+                   __shfl_xor_sync(0xffffffffu, lanes.sum, offset)});
     }
-    a.finish(p, lanes.value(), base, 1, lane, kWarp);
+    a.finish(p, lanes.total(), base, 1, lane, kWarp);
   }
 }
 
@@ -113,11 +84,11 @@ __global__ void class_second_kernel(Problem<acc_t> a) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < positions;
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t base = (p / a.features) * a.classes * a.features + p % a.features;
-    LogTotal<acc_t> running;
+    OnlineLogSumExp<acc_t> running;
     for (int64_t k = 0; k < a.classes; ++k) {
       running.add(load<acc_t>(a.logits, base + k * a.features));
     }
-    a.finish(p, running.value(), base, a.features, 0, 1);
+    a.finish(p, running.total(), base, a.features, 0, 1);
   }
 }
 
