@@ -9,11 +9,12 @@
 FASTVAE_NAMESPACE_BEGIN
 
 // log Σ exp(x) over a stream of values, in one pass: a running maximum and the sum of
-// exp(x − maximum), rescaled whenever the maximum grows. The maximum starts at the lowest finite
-// value rather than −inf, so that a stream of −inf alone (the padding components) keeps a zero
-// sum instead of producing exp(−inf − (−inf)) = NaN.
+// exp(x − maximum), rescaled whenever the maximum grows. Without branches, so that it also runs
+// per lane of a Vectorized<T> (elementwise.h's OnlineLogSumExp branches, and serves scalars).
+// The maximum starts at the lowest finite value rather than −inf, so that a stream of −inf alone
+// (the padding components) keeps a zero sum instead of producing exp(−inf − (−inf)) = NaN.
 template <typename T>
-struct OnlineLogSumExp {
+struct BranchlessLogSumExp {
   using Scalar = typename MathOps<T>::Scalar;
   T maximum = constant<T>(-std::numeric_limits<Scalar>::max());
   T sum = constant<T>(0.0);
@@ -26,7 +27,7 @@ struct OnlineLogSumExp {
     maximum = larger;
   }
   FASTVAE_HD void add(T value) { add(value, constant<T>(1.0)); }
-  FASTVAE_HD void merge(const OnlineLogSumExp& other) { add(other.maximum, other.sum); }
+  FASTVAE_HD void merge(const BranchlessLogSumExp& other) { add(other.maximum, other.sum); }
   FASTVAE_HD T value() const { return maximum + MathOps<T>::log(sum); }
 };
 

@@ -5,7 +5,7 @@
 // MixtureComponents (component k of dim j at [j, k]): a vector's lanes are consecutive
 // components, so the sum over d is a lane-wise multiply-add with no horizontal sum, and each
 // table vector loaded serves the kRows rows. The log-sum-exp over components runs lane-wise
-// (OnlineLogSumExp<Vec>) and merges the lanes once per row. No [S, B, K] value is stored.
+// (BranchlessLogSumExp<Vec>) and merges the lanes once per row. No [S, B, K] value is stored.
 //
 // Backward, pass 1 (the component stream): each block's responsibilities
 // r_k = exp(logits_k + c_k − log_prior_sum) are re-formed from the forward's log_prior_sum; a
@@ -133,12 +133,12 @@ acc_t log_q(const MixtureArgs& a, const acc_t* z, int64_t b, acc_t* buffers) {
 
 // log Σ over a lane-wise stream's lanes.
 template <typename acc_t>
-acc_t merge_lanes(const OnlineLogSumExp<Vec<acc_t>>& lanes) {
+acc_t merge_lanes(const BranchlessLogSumExp<Vec<acc_t>>& lanes) {
   alignas(64) acc_t maxima[Vec<acc_t>::size()];
   alignas(64) acc_t sums[Vec<acc_t>::size()];
   lanes.maximum.store(maxima);
   lanes.sum.store(sums);
-  OnlineLogSumExp<acc_t> total;
+  BranchlessLogSumExp<acc_t> total;
   for (int64_t lane = 0; lane < Vec<acc_t>::size(); ++lane) total.add(maxima[lane], sums[lane]);
   return total.value();
 }
@@ -158,7 +158,7 @@ void forward_rows(const MixtureArgs& a, const MixtureComponents& c, at::Tensor& 
     std::vector<acc_t> buffers(2 * a.latent);
     for (int64_t g = begin; g < end; ++g) {
       group.load(g * kRows, rows);
-      OnlineLogSumExp<Vec<acc_t>> lanes[kRows];
+      BranchlessLogSumExp<Vec<acc_t>> lanes[kRows];
       Vec<acc_t> terms[kRows];
       for (int64_t k = 0; k < c.padded; k += Vec<acc_t>::size()) {
         components.terms(group, k, terms);

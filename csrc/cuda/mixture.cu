@@ -58,7 +58,8 @@ Tables<acc_t> tables_of(const MixtureArgs& a, const MixtureComponents& c) {
 
 // The block's log-sum-exp streams merged in a fixed tree; every thread gets the result.
 template <typename acc_t>
-__device__ OnlineLogSumExp<acc_t> block_log_sum_exp(const OnlineLogSumExp<acc_t>& mine) {
+__device__ BranchlessLogSumExp<acc_t> block_log_sum_exp(
+    const BranchlessLogSumExp<acc_t>& mine) {
   __shared__ acc_t maxima[kThreads];
   __shared__ acc_t sums[kThreads];
   maxima[threadIdx.x] = mine.maximum;
@@ -66,14 +67,14 @@ __device__ OnlineLogSumExp<acc_t> block_log_sum_exp(const OnlineLogSumExp<acc_t>
   __syncthreads();
   for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
     if (threadIdx.x < stride) {
-      OnlineLogSumExp<acc_t> merged{maxima[threadIdx.x], sums[threadIdx.x]};
+      BranchlessLogSumExp<acc_t> merged{maxima[threadIdx.x], sums[threadIdx.x]};
       merged.add(maxima[threadIdx.x + stride], sums[threadIdx.x + stride]);
       maxima[threadIdx.x] = merged.maximum;
       sums[threadIdx.x] = merged.sum;
     }
     __syncthreads();
   }
-  const OnlineLogSumExp<acc_t> total{maxima[0], sums[0]};
+  const BranchlessLogSumExp<acc_t> total{maxima[0], sums[0]};
   __syncthreads();
   return total;
 }
@@ -96,7 +97,7 @@ template <typename acc_t>
 __global__ void forward_kernel(Tables<acc_t> t, Posterior q, const acc_t* log_norm, int64_t rows,
                                acc_t* log_ratio, acc_t* log_prior_sum) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    OnlineLogSumExp<acc_t> mine;
+    BranchlessLogSumExp<acc_t> mine;
     for (int64_t k = threadIdx.x; k < t.components; k += blockDim.x) mine.add(t.term(q.z, row, k));
     const acc_t log_prior = block_log_sum_exp(mine).value();
     acc_t q_terms = 0;
