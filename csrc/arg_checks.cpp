@@ -47,6 +47,13 @@ const at::Tensor* optional_pointer(const std::optional<at::Tensor>& tensor) {
   return tensor.has_value() ? &*tensor : nullptr;
 }
 
+std::vector<int64_t> sample_shape(const at::Tensor& mu, int64_t n_samples) {
+  if (mu.dim() == 0) return {n_samples};
+  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+  shape[0] *= n_samples;
+  return shape;
+}
+
 template <size_t N>
 std::array<at::Tensor, N> allocate_gradients(const std::array<const at::Tensor*, N>& inputs,
                                              const std::array<bool, N>& needs, const at::Tensor& x,

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "elbo_args.h"
 #include "likelihoods.h"
@@ -37,6 +38,11 @@ void check_row_weights(const char* op, const at::Tensor* grad_scale, int64_t bat
 void check_reduction(const char* op, Reduction reduction);
 
 const at::Tensor* optional_pointer(const std::optional<at::Tensor>& tensor);
+
+// The sampling op's z for `mu`: the samples stacked along dim 0, [n_samples * B, *rest] for
+// [B, *rest] (one sample has mu's shape), [n_samples] for a 0-dim mu (fastvae._common's
+// sample_shape).
+std::vector<int64_t> sample_shape(const at::Tensor& mu, int64_t n_samples);
 
 // x [B, D], x_hat [S, B, D], θ [Sl, Bl, Dl] (each 1 or full) and a known likelihood; `Args` is
 // ElboArgs or IwaeArgs, which name these alike.

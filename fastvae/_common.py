@@ -54,6 +54,13 @@ IWAE_INPUTS = ("x", "x_hat", "x_log_scale", "z", "mu", "logvar", "prior_mu", "pr
                "log_weight_offset")
 
 
+def sample_shape(shape, n_samples: int) -> tuple:
+    """The shape of the sampling op's ``z`` for ``mu`` of ``shape``: the samples stacked along
+    dim 0, ``[n_samples * B, *rest]`` for ``[B, *rest]`` (so one sample has ``mu``'s shape),
+    ``[n_samples]`` for a 0-dim ``mu``. Its flat order is sample-major (element s*K + k)."""
+    return (n_samples * shape[0], *shape[1:]) if len(shape) else (n_samples,)
+
+
 def accumulation_dtype(*tensors) -> torch.dtype:
     """float64 when any given tensor is float64, else float32 (None entries are skipped)."""
     for tensor in tensors:

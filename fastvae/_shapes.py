@@ -3,11 +3,11 @@
 Each serves both the ``fastvae::*`` op and the native ``fastvae_native::*`` op of the same
 name; the native schemas lack the trailing ``backend`` argument, hence the variadic tails.
 """
-from ._common import Reduction, accumulation_dtype
+from ._common import Reduction, accumulation_dtype, sample_shape
 
 
 def reparameterize(mu, logvar, seed, n_samples, *backend):
-    return mu.new_empty(n_samples * mu.numel())
+    return mu.new_empty(sample_shape(mu.shape, n_samples))
 
 
 def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar, *backend):

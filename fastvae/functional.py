@@ -355,10 +355,11 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
     if checking_values():
         check_values(mu=mu, logvar=logvar)
     dtype = _latent_dtype(mu, logvar)
-    samples = 1 if n_samples is None else n_samples
-    z = _ops.reparameterize(_as(mu, dtype).reshape(-1).contiguous(),
-                            _as(logvar, dtype).reshape(-1).contiguous(), seed, samples)
-    return z.view(mu.shape) if n_samples is None else z.view(n_samples, *mu.shape)
+    z = _ops.reparameterize(_as(mu, dtype).contiguous(), _as(logvar, dtype).contiguous(), seed,
+                            1 if n_samples is None else n_samples)
+    # One sample comes in mu's shape: no view, which would cost an autograd node each way.
+    shape = mu.shape if n_samples is None else (n_samples, *mu.shape)
+    return z if z.shape == shape else z.view(shape)
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,

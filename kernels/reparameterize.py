@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import sample_shape
 from ._convert import narrow, widen
 from ._launch import LaunchConfig, accumulation_type, block_for, launch, tunable
 
@@ -112,10 +113,10 @@ def _quarter(num_elements: int) -> int:
 
 def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                            n_samples: int) -> torch.Tensor:
-    """``z`` of ``[n_samples * K]``; the contract of the reference backend."""
+    """``z`` of ``sample_shape(mu.shape, n_samples)``; the contract of the reference backend."""
     latent_size = mu.numel()
     num_elements = n_samples * latent_size
-    z = torch.empty(num_elements, dtype=mu.dtype, device=mu.device)
+    z = torch.empty(sample_shape(mu.shape, n_samples), dtype=mu.dtype, device=mu.device)
     if num_elements == 0:
         return z
     quarter = _quarter(num_elements)
@@ -130,11 +131,12 @@ def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.T
 
 def reparameterize_backward(grad_z: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor,
                             n_samples: int, need_mu: bool, need_logvar: bool):
-    """``(grad_mu, grad_logvar)`` of ``[K]``, empty where not needed; ε is regenerated."""
+    """``(grad_mu, grad_logvar)`` shaped like ``logvar``, empty where not needed; ε is
+    regenerated."""
     latent_size = logvar.numel()
 
     def output(needed):
-        return logvar.new_empty(latent_size if needed else 0)
+        return logvar.new_empty(logvar.shape if needed else 0)
 
     grad_mu, grad_logvar = output(need_mu), output(need_logvar)
     if latent_size == 0 or not (need_mu or need_logvar):

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "../arg_checks.h"
 #include "../elementwise.h"
 #include "loops.h"
 #include "noise.h"
@@ -22,10 +23,11 @@ uint64_t read_seed(const at::Tensor& seed) {
   return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
 }
 
-void check_vector(const char* name, const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.dim() == 1 && tensor.is_contiguous() && tensor.is_floating_point(),
-              "fastvae_native: ", name, " must be a contiguous 1-D floating tensor, got ",
-              tensor.sizes(), " ", tensor.scalar_type());
+// The kernels read every tensor in its flat order: any shape, if contiguous.
+void check_flat(const char* name, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.is_contiguous() && tensor.is_floating_point(), "fastvae_native: ", name,
+              " must be a contiguous floating tensor, got ", tensor.sizes(), " ",
+              tensor.scalar_type());
 }
 
 // Runs visit(i, eps, n) over the whole stream of `numel` normals, in parallel, in pieces that
@@ -195,14 +197,14 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, uint64_
 
 at::Tensor reparameterize_cpu(const at::Tensor& mu, const at::Tensor& logvar,
                               const at::Tensor& seed, int64_t n_samples) {
-  check_vector("mu", mu);
-  check_vector("logvar", logvar);
+  check_flat("mu", mu);
+  check_flat("logvar", logvar);
   TORCH_CHECK(mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(),
               "fastvae_native: mu and logvar must match in shape and dtype, got ", mu.sizes(),
               " ", mu.scalar_type(), " and ", logvar.sizes(), " ", logvar.scalar_type());
   TORCH_CHECK(n_samples >= 1, "fastvae_native: n_samples must be >= 1, got ", n_samples);
   const uint64_t seed_value = read_seed(seed);
-  at::Tensor z = at::empty({n_samples * mu.numel()}, mu.options());
+  at::Tensor z = at::empty(sample_shape(mu, n_samples), mu.options());
   if (mu.scalar_type() == at::kDouble) {
     sample<double>(mu, logvar, seed_value, z);
   } else {
@@ -214,8 +216,8 @@ at::Tensor reparameterize_cpu(const at::Tensor& mu, const at::Tensor& logvar,
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed, int64_t n_samples,
     bool need_mu, bool need_logvar) {
-  check_vector("grad_z", grad_z);
-  check_vector("logvar", logvar);
+  check_flat("grad_z", grad_z);
+  check_flat("logvar", logvar);
   TORCH_CHECK(n_samples >= 1 && grad_z.numel() == n_samples * logvar.numel(),
               "fastvae_native: grad_z must have n_samples * logvar.numel() elements, got ",
               grad_z.numel(), " for n_samples=", n_samples, " and logvar ", logvar.sizes());

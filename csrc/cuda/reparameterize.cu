@@ -2,6 +2,7 @@
 // to the four quarters of z; backward regenerates ε the same way. The seed is read on the device.
 #include <torch/library.h>
 
+#include "../arg_checks.h"
 #include "../elementwise.h"
 #include "../philox.h"
 #include "common.cuh"
@@ -80,14 +81,14 @@ void check_seed(const at::Tensor& seed, const at::Device& device) {
 
 at::Tensor reparameterize_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                const at::Tensor& seed, int64_t n_samples) {
-  TORCH_CHECK(mu.dim() == 1 && mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(),
-              "fastvae_native: mu and logvar must be 1-D of one shape and dtype");
+  TORCH_CHECK(mu.sizes() == logvar.sizes() && mu.scalar_type() == logvar.scalar_type(),
+              "fastvae_native: mu and logvar must be of one shape and dtype");
   TORCH_CHECK(n_samples >= 1, "fastvae_native: n_samples must be >= 1");
   check_cuda_input("mu", mu, mu.device());
   check_cuda_input("logvar", logvar, mu.device());
   check_seed(seed, mu.device());
   const c10::cuda::CUDAGuard guard(mu.device());
-  at::Tensor z = at::empty({n_samples * mu.numel()}, mu.options());
+  at::Tensor z = at::empty(sample_shape(mu, n_samples), mu.options());
   const int64_t calls = philox_quarter(z.numel());
   if (calls == 0) return z;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -124,9 +125,8 @@ void sample_backward(const at::Tensor& grad_z, const at::Tensor& logvar, const a
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cuda(
     const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed, int64_t n_samples,
     bool need_mu, bool need_logvar) {
-  TORCH_CHECK(logvar.dim() == 1 && grad_z.dim() == 1 && n_samples >= 1 &&
-                  grad_z.numel() == n_samples * logvar.numel(),
-              "fastvae_native: grad_z must be 1-D with n_samples * logvar.numel() elements");
+  TORCH_CHECK(n_samples >= 1 && grad_z.numel() == n_samples * logvar.numel(),
+              "fastvae_native: grad_z must have n_samples * logvar.numel() elements");
   check_cuda_input("grad_z", grad_z, logvar.device());
   check_cuda_input("logvar", logvar, logvar.device());
   check_seed(seed, logvar.device());

@@ -18,15 +18,16 @@ DEVICE_TYPES = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
 # between the op and its kernel, in forward or backward.
 RECORDS_AUTOGRAD = True
 
+# The overloads themselves: calling the packet would resolve the overload again on every call.
 _ops = torch.ops.fastvae_native
-reparameterize_forward = _ops.reparameterize
-reparameterize_backward = _ops.reparameterize_backward
-elbo = _ops.elbo
-iwae = _ops.iwae
-scale_ = _ops.scale_
-mixture_log_ratio = _ops.mixture_log_ratio
-mixture_log_ratio_backward = _ops.mixture_log_ratio_backward
-categorical = _ops.categorical
+reparameterize_forward = _ops.reparameterize.default
+reparameterize_backward = _ops.reparameterize_backward.default
+elbo = _ops.elbo.default
+iwae = _ops.iwae.default
+scale_ = _ops.scale_.default
+mixture_log_ratio = _ops.mixture_log_ratio.default
+mixture_log_ratio_backward = _ops.mixture_log_ratio_backward.default
+categorical = _ops.categorical.default
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
 torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)

@@ -9,15 +9,17 @@ public API in ``functional.py`` does the validation, reshaping and broadcasting,
 only sees the shapes documented here.
 
 ``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
-    ``mu``, ``logvar``: contiguous 1-D ``[K]``, same dtype. ``seed``: int64 0-dim tensor on
-    their device. Returns contiguous ``z`` of ``[n_samples * K]`` in their dtype, element
-    ``i = s*K + k`` being ``mu[k] + exp(½ logvar[k]) * eps[i]``, ``eps`` the noise stream of
-    docs/design.md (float32; maths in float64 for float64 inputs).
+    ``mu``, ``logvar``: contiguous, of one shape (any; K elements) and dtype. ``seed``: int64
+    0-dim tensor on their device. Returns contiguous ``z`` in their dtype, of
+    ``_common.sample_shape(mu.shape, n_samples)`` (``[n_samples * B, *rest]``: one sample has
+    ``mu``'s shape, so the caller needs no view), flat element ``i = s*K + k`` being
+    ``mu[k] + exp(½ logvar[k]) * eps[i]`` (flat k), ``eps`` the noise stream of docs/design.md
+    (float32; maths in float64 for float64 inputs).
 
 ``reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar)``
-    ``grad_z``: contiguous ``[n_samples * K]``. Returns ``(grad_mu, grad_logvar)``, each
-    ``[K]`` in ``logvar``'s dtype, or an empty tensor of that dtype when not needed. ε is
-    regenerated.
+    ``grad_z``: contiguous, ``n_samples * K`` elements in the flat order of ``z``. Returns
+    ``(grad_mu, grad_logvar)``, each shaped like ``logvar`` in its dtype, or an empty tensor of
+    that dtype when not needed. ε is regenerated.
 
 ``elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
        likelihood, x_log_scale_const, free_bits, reduction, needs_grad)``
@@ -141,7 +143,7 @@ import torch
 import torch.nn.functional as F
 
 from .._common import (CB_LOG_SERIES, CB_SERIES, CB_SWITCH, CB_TERMS, LOG_2, LOG_2PI, Likelihood,
-                       Reduction, accumulation_dtype, reduce_rows)
+                       Reduction, accumulation_dtype, reduce_rows, sample_shape)
 from .._philox import normal_stream
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -155,16 +157,17 @@ def _noise(seed, numel, dtype):
 def reparameterize_forward(mu, logvar, seed, n_samples):
     acc = accumulation_dtype(mu)
     eps = _noise(seed, n_samples * mu.numel(), acc).view(n_samples, mu.numel())
-    sigma = torch.exp(0.5 * logvar.to(acc))
-    return (mu.to(acc) + sigma * eps).to(mu.dtype).reshape(-1)
+    sigma = torch.exp(0.5 * logvar.to(acc).reshape(-1))
+    z = mu.to(acc).reshape(-1) + sigma * eps
+    return z.to(mu.dtype).reshape(sample_shape(mu.shape, n_samples))
 
 
 def reparameterize_backward(grad_z, logvar, seed, n_samples, need_mu, need_logvar):
     acc = accumulation_dtype(logvar)
-    grad = grad_z.to(acc).view(n_samples, logvar.numel())
+    grad = grad_z.to(acc).view(n_samples, *logvar.shape)
     grad_mu = grad.sum(0).to(logvar.dtype) if need_mu else logvar.new_empty(0)
     if need_logvar:
-        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, logvar.numel())
+        eps = _noise(seed, grad_z.numel(), acc).view(n_samples, *logvar.shape)
         half_sigma = 0.5 * torch.exp(0.5 * logvar.to(acc))
         grad_logvar = ((grad * eps).sum(0) * half_sigma).to(logvar.dtype)
     else:
