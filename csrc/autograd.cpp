@@ -41,6 +41,16 @@ auto make_node() {
   }
 }
 
+// Forward-mode AD is not implemented: a dual input gets a clear error, not a result without its
+// tangent.
+void refuse_dual_inputs(const variable_list& tensors, const char* op) {
+  for (const at::Tensor& tensor : tensors) {
+    TORCH_CHECK(!torch::autograd::isFwGradDefined(tensor), op,
+                ": forward-mode AD (torch.autograd.forward_ad) is not implemented for fastvae's "
+                "ops");
+  }
+}
+
 bool any_requires_grad(const variable_list& tensors) {
   if (!at::GradMode::is_enabled()) return false;
   for (const at::Tensor& tensor : tensors) {
@@ -182,9 +192,10 @@ variable_list LossBackward::apply(variable_list&& grads) {
   return out;
 }
 
-// Whether `tensor` is one a tracer made (fake or functional: torch.compile or opcheck tracing
-// the op itself). Such a backward multiplies out of place, as _ops.py's traced path does: an
-// in-place write into a traced graph's intermediate is not for the kernel to make.
+// Whether `tensor` is a Python tensor subclass or a functional wrapper: above all the fake and
+// functional tensors of torch.compile's or opcheck's tracing of the op itself. Such a backward
+// multiplies out of place, as _ops.py's traced path does: an in-place write into a traced
+// graph's intermediate is not for the kernel to make.
 bool traced(const at::Tensor& tensor) {
   return tensor.key_set().has_any(
       c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
@@ -281,6 +292,7 @@ class LossAutograd final : public c10::OperatorKernel {
     variable_list differentiable;
     for (size_t i = 0; i < layout.slots; ++i) differentiable.push_back(tensor_or_undefined(arguments[i]));
     if (layout.beta) differentiable.push_back(arguments[*layout.beta].toTensor());
+    refuse_dual_inputs(differentiable, op.schema().name().c_str());
     auto node = any_requires_grad(differentiable) ? make_node<LossBackward>() : nullptr;
     if (node) {
       node->op = op;
@@ -340,6 +352,7 @@ struct ReparameterizeBackward : Node {
 
 at::Tensor reparameterize_autograd(const at::Tensor& mu, const at::Tensor& logvar,
                                    const at::Tensor& seed, int64_t n_samples) {
+  refuse_dual_inputs({mu, logvar}, "fastvae_native::reparameterize");
   static const auto forward_op =
       native_op("fastvae_native::reparameterize")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
@@ -401,6 +414,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_autograd(const at::Tensor& z, const a
                                                     const at::Tensor& means,
                                                     const at::Tensor& logvars,
                                                     const at::Tensor& logits) {
+  const variable_list inputs = {z, mu, logvar, means, logvars, logits};
+  refuse_dual_inputs(inputs, "fastvae_native::mixture_log_ratio");
   static const auto forward_op =
       native_op("fastvae_native::mixture_log_ratio")
           .typed<std::tuple<at::Tensor, at::Tensor>(
@@ -411,7 +426,6 @@ std::tuple<at::Tensor, at::Tensor> mixture_autograd(const at::Tensor& z, const a
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = forward_op.call(z, mu, logvar, means, logvars, logits);
   }
-  const variable_list inputs = {z, mu, logvar, means, logvars, logits};
   if (!any_requires_grad(inputs)) return out;
   auto node = make_node<MixtureBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(inputs));

@@ -26,9 +26,23 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import _shapes, backends
 from ._common import Reduction
+
+
+def _wraps(backend, tensors) -> bool:
+    """Whether an eager call of ``backend`` goes through its ``autograd.Function``: for a
+    backend without autograd of its own, when a gradient is wanted, or when forward-mode AD is
+    active (the Functions have no jvp, so they raise rather than drop the tangent; the native
+    ops' C++ autograd refuses dual inputs likewise)."""
+    if backend.RECORDS_AUTOGRAD:
+        return False
+    if forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,8 +106,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> 
         name = backends.resolve_name(backends.get_backend(), mu.device.type)
         return reparameterize_op(mu, logvar, seed, n_samples, name)
     backend = backends.implementation(mu.device)[1]
-    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and (mu.requires_grad
-                                                                     or logvar.requires_grad):
+    if _wraps(backend, (mu, logvar)):
         return _EagerReparameterize.apply(mu, logvar, seed, n_samples, backend)
     return backend.reparameterize_forward(mu, logvar, seed, n_samples)
 
@@ -164,8 +177,7 @@ def mixture_log_ratio(*args: Tensor) -> Tuple[Tensor, Tensor]:
         return mixture_log_ratio_op(*args, backends.resolve_name(backends.get_backend(),
                                                                  device.type))
     backend = backends.implementation(device)[1]
-    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and any(t.requires_grad
-                                                                        for t in args):
+    if _wraps(backend, args):
         return _EagerMixture.apply(*args, backend)
     return backend.mixture_log_ratio(*args)
 
@@ -423,8 +435,7 @@ def _run(spec: _LossOp, args, device: torch.device):
         name = backends.resolve_name(backends.get_backend(), device.type)
         return spec.outputs._make(spec.custom_op(*args, name))
     backend = backends.implementation(device)[1]
-    if not backend.RECORDS_AUTOGRAD and torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in args[:spec.grad_scale]):
+    if _wraps(backend, args[:spec.grad_scale]):
         return spec.outputs._make(_EAGER[spec.function].apply(*args, backend))
     return spec.outputs._make(getattr(backend, spec.function)(*args))
 

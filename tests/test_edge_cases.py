@@ -3,10 +3,11 @@ import contextlib
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
-from cases import build, differentiable, generator, pick
+from cases import TEST_DEVICE, build, differentiable, generator, pick
 from fastvae import backends
 
 
@@ -186,7 +187,6 @@ def test_shared_inputs_with_reduction_none_recompute_in_backward(backend, monkey
 def test_a_float_beta_is_one_cached_tensor_and_the_cache_is_bounded(backend):
     """A float β is filled once per (value, dtype, device), not per call, and an annealed β
     (a new value every step) never holds more than 256 tensors."""
-    from cases import TEST_DEVICE
     from fastvae import functional
     device = torch.device(TEST_DEVICE)
     first = functional._beta_tensor(0.37, device, torch.float32)
@@ -257,3 +257,20 @@ def test_a_gradient_for_any_one_input_alone(backend, leaf):
                              prior_mu=args["prior_mu"], prior_logvar=args["prior_logvar"])
     (grad,) = torch.autograd.grad(loss, args[leaf])
     assert grad.shape == args[leaf].shape and bool(grad.abs().sum() > 0)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent(backend):
+    """No jvp is implemented: a dual input must give an error, never a result whose tangent is
+    silently missing."""
+    g = generator(8)
+    x = torch.rand(3, 4, generator=g, device=TEST_DEVICE)
+    x_hat, mu, logvar = (torch.randn(shape, generator=g, device=TEST_DEVICE)
+                         for shape in ((3, 4), (3, 2), (3, 2)))
+    with fwAD.dual_level():
+        dual_x_hat = fwAD.make_dual(x_hat, torch.ones_like(x_hat))
+        dual_mu = fwAD.make_dual(mu, torch.ones_like(mu))
+        for call in (lambda: fastvae.elbo_loss(x, dual_x_hat, mu, logvar, likelihood="bernoulli"),
+                     lambda: fastvae.elbo_loss(x, x_hat, dual_mu, logvar),
+                     lambda: fastvae.reparameterize(dual_mu, logvar, seed=1)):
+            with pytest.raises((RuntimeError, NotImplementedError), match="(?i)jvp|forward"):
+                call()
