@@ -290,7 +290,9 @@ class LossAutograd final : public c10::OperatorKernel {
     const LossLayout& layout = layout_of(op);
     const c10::ArrayRef<c10::IValue> arguments = torch::jit::last(*stack, layout.arguments);
     variable_list differentiable;
-    for (size_t i = 0; i < layout.slots; ++i) differentiable.push_back(tensor_or_undefined(arguments[i]));
+    for (size_t i = 0; i < layout.slots; ++i) {
+      differentiable.push_back(tensor_or_undefined(arguments[i]));
+    }
     if (layout.beta) differentiable.push_back(arguments[*layout.beta].toTensor());
     refuse_dual_inputs(differentiable, op.schema().name().c_str());
     auto node = any_requires_grad(differentiable) ? make_node<LossBackward>() : nullptr;

@@ -11,8 +11,8 @@ FASTVAE_NAMESPACE_BEGIN
 // log Σ exp(x) over a stream of values, in one pass: a running maximum and the sum of
 // exp(x − maximum), rescaled whenever the maximum grows. Without branches, so that it also runs
 // per lane of a Vectorized<T> (elementwise.h's OnlineLogSumExp branches, and serves scalars).
-// The maximum starts at the lowest finite value rather than −inf, so that a stream of −inf alone
-// (the padding components) keeps a zero sum instead of producing exp(−inf − (−inf)) = NaN.
+// The maximum starts at the lowest finite value rather than −inf, so that a stream of −inf
+// alone (the padding components) keeps a zero sum instead of producing exp(−inf − (−inf)) = NaN.
 template <typename T>
 struct BranchlessLogSumExp {
   using Scalar = typename MathOps<T>::Scalar;

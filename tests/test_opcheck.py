@@ -77,7 +77,8 @@ def test_opcheck_native_ops(backend):
 
 
 @pytest.mark.parametrize("name", ["bernoulli_shared_prior_sum_beta_grad",
-                                  "log_scale_full_none_grad_scale", "laplace_shared_log_scale_none"])
+                                  "log_scale_full_none_grad_scale",
+                                  "laplace_shared_log_scale_none"])
 def test_opcheck_native_autograd(backend, name):
     """The native ops' autograd, registered in C++ (csrc/autograd.cpp), with inputs requiring
     grad: eager against traced (aot_dispatch), and the recomputing backward ('none' with a shared

@@ -4,9 +4,8 @@ Every backend module (``reference``, ``native``, ``triton``) exposes ``DEVICE_TY
 device types it runs on), ``RECORDS_AUTOGRAD`` (whether its ``elbo``, ``iwae``,
 ``categorical``, ``reparameterize_forward`` and ``mixture_log_ratio`` record their own autograd
 node, by the rules of ``fastvae._ops``; where they do not, ``fastvae._ops`` wraps them) and the
-same functions with the same normalised arguments; the
-public API in ``functional.py`` does the validation, reshaping and broadcasting, so a backend
-only sees the shapes documented here.
+same functions with the same normalised arguments; the public API in ``functional.py`` does
+the validation, reshaping and broadcasting, so a backend only sees the shapes documented here.
 
 ``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
     ``mu``, ``logvar``: contiguous, of one shape (any; K elements) and dtype. ``seed``: int64

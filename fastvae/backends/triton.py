@@ -20,6 +20,6 @@ from ..kernels.scale import scale_
 DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 RECORDS_AUTOGRAD = False
 
-__all__ = ["DEVICE_TYPES", "RECORDS_AUTOGRAD", "categorical", "elbo", "iwae", "mixture_log_ratio",
-           "mixture_log_ratio_backward", "reparameterize_backward", "reparameterize_forward",
-           "scale_"]
+__all__ = ["DEVICE_TYPES", "RECORDS_AUTOGRAD", "categorical", "elbo", "iwae",
+           "mixture_log_ratio", "mixture_log_ratio_backward", "reparameterize_backward",
+           "reparameterize_forward", "scale_"]
