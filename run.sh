@@ -35,8 +35,8 @@ install() {  # $1: the extras to install (test | bench)
 run_tests() {
     install test
     "$PYTHON" -c "import triton" 2>/dev/null || "$PYTHON" -m pip install --quiet "triton==3.9.0"
-    # The CUDA compile check (nvcc, one core) runs beside the test runs (one core each in turn);
-    # its output is shown once it is done.
+    # The CUDA compile check (nvcc, one core) runs beside the test runs, which spread over the
+    # cores (pytest-xdist); its output is shown once it is done.
     local nvcc_log="" nvcc_pid=""
     if command -v nvcc >/dev/null; then
         nvcc_log=$(mktemp)
@@ -45,8 +45,8 @@ run_tests() {
     else
         echo "run.sh: nvcc not found; skipping the CUDA compile check"
     fi
-    "$PYTHON" -m pytest tests -q
-    TRITON_INTERPRET=1 FASTVAE_TEST_BACKENDS=triton "$PYTHON" -m pytest tests -q
+    "$PYTHON" -m pytest tests -q -n auto
+    TRITON_INTERPRET=1 FASTVAE_TEST_BACKENDS=triton "$PYTHON" -m pytest tests -q -n auto
     if [[ -n "$nvcc_pid" ]]; then
         local nvcc_status=0
         wait "$nvcc_pid" || nvcc_status=$?

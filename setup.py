@@ -60,7 +60,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "expecttest", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "scipy", "scikit-learn", "expecttest", "hypothesis"],
         "bench": ["matplotlib", "pytest-benchmark", "scikit-learn"],
         "examples": ["scikit-learn"],  # examples/train_digits.py loads sklearn's bundled digits
     },
