@@ -50,7 +50,7 @@ def _grouped(tensor: Tensor, shape, groups) -> Tensor:
         start = end
     if expanded != own:
         tensor = tensor.reshape(own).expand(expanded)
-    if tensor.dim() != len(sizes) or tensor.shape != sizes:  # a view costs an autograd node
+    if tensor.shape != tuple(sizes):  # a view costs an autograd node (torch.Size is a tuple)
         tensor = tensor.reshape(sizes)
     return tensor.contiguous()
 
