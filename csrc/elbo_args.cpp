@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "arg_checks.h"
 
@@ -82,6 +83,29 @@ ElboArgs make_elbo_args(const at::Tensor& x, const at::Tensor& x_hat,
   args.accumulation = accumulation_dtype({&x, &x_hat, args.x_log_scale, &mu});
   check_elbo_args(args);
   return args;
+}
+
+DecoderViews decoder_views(const at::Tensor& x_hat, const std::optional<at::Tensor>& x_log_scale) {
+  TORCH_CHECK(x_hat.dim() == 2 || x_hat.dim() == 3, kOp,
+              "x_hat must be [B, D] or [S, B, D], got ", x_hat.sizes());
+  DecoderViews views{x_hat.dim() == 2 ? x_hat.unsqueeze(0) : x_hat, x_log_scale};
+  if (x_log_scale) {
+    TORCH_CHECK(x_log_scale->dim() <= x_hat.dim(), kOp, "x_log_scale must have at most x_hat's ",
+                x_hat.dim(), " dims, got ", x_log_scale->sizes());
+    while (views.x_log_scale->dim() < 3) views.x_log_scale = views.x_log_scale->unsqueeze(0);
+  }
+  return views;
+}
+
+void restore_decoder_shapes(ElboOutputs& out, const at::Tensor& x_hat,
+                            const std::optional<at::Tensor>& x_log_scale) {
+  const std::pair<Input, const at::Tensor*> decoder[] = {{kXHat, &x_hat},
+                                                          {kXLogScale, optional_pointer(x_log_scale)}};
+  for (const auto& [slot, given] : decoder) {
+    at::Tensor& grad = out.grads[slot];
+    // (an unwanted gradient is an empty tensor of its own shape)
+    if (given && grad.dim() == 3 && grad.dim() != given->dim()) grad = grad.view(given->sizes());
+  }
 }
 
 ElboOutputs allocate_elbo_outputs(const ElboArgs& args) {

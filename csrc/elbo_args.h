@@ -29,7 +29,9 @@ enum Input : int { kX, kXHat, kXLogScale, kMu, kLogvar, kPriorMu, kPriorLogvar, 
 struct ElboArgs {
   const at::Tensor* x;             // [B, D] the data
   const at::Tensor* x_hat;         // [S, B, D] the decoder output: mean, logits or location
+                                  // (the op's [B, D] one is viewed as [1, B, D])
   const at::Tensor* x_log_scale;   // θ as [Sl, Bl, Dl], each 1 or S, B, D; null: the constant
+                                  // (the op's θ of fewer dims is viewed so)
   const at::Tensor* mu;            // [B, d] the encoder mean
   const at::Tensor* logvar;        // [B, d] the encoder log-variance, in mu's dtype
   const at::Tensor* prior_mu;      // [Bp, d] with Bp 1 or B, mu's dtype; null: N(0, I)
@@ -102,6 +104,20 @@ ElboOutputs allocate_elbo_outputs(const ElboArgs& args);
 // (then every grad [L, B, T]), all contiguous, floating and on upstream's device.
 void check_scale_args(at::TensorList grads, const at::Tensor& upstream);
 
+// The op takes x_hat as [B, D] (one sample, x's shape) or [S, B, D], and θ with at most
+// x_hat's dims, broadcasting to it right-aligned (each size 1 or full), so that a caller needs
+// no view, which would cost an autograd node each way. The kernels see both as 3-D: these are
+// those views (x_hat [S, B, D], θ [Sl, Bl, Dl]), borrowed from the op's arguments.
+struct DecoderViews {
+  at::Tensor x_hat;
+  std::optional<at::Tensor> x_log_scale;
+};
+DecoderViews decoder_views(const at::Tensor& x_hat, const std::optional<at::Tensor>& x_log_scale);
+
+// The gradients of x_hat and θ back in the shapes the op was given.
+void restore_decoder_shapes(ElboOutputs& out, const at::Tensor& x_hat,
+                            const std::optional<at::Tensor>& x_log_scale);
+
 // The op as registered for one device: `Impl` receives the checked arguments.
 template <ElboOutputs (*Impl)(const ElboArgs&)>
 ElboTuple elbo_op(const at::Tensor& x, const at::Tensor& x_hat,
@@ -112,10 +128,13 @@ ElboTuple elbo_op(const at::Tensor& x, const at::Tensor& x_hat,
                   const std::optional<at::Tensor>& grad_scale, int64_t likelihood,
                   double x_log_scale_const, double free_bits, int64_t reduction,
                   std::array<bool, kInputCount> needs_grad) {
-  return Impl(make_elbo_args(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta,
-                             capacity, grad_scale, likelihood, x_log_scale_const, free_bits,
-                             reduction, needs_grad))
-      .as_tuple();
+  const DecoderViews decoder = decoder_views(x_hat, x_log_scale);
+  ElboOutputs out = Impl(make_elbo_args(x, decoder.x_hat, decoder.x_log_scale, mu, logvar,
+                                        prior_mu, prior_logvar, beta, capacity, grad_scale,
+                                        likelihood, x_log_scale_const, free_bits, reduction,
+                                        needs_grad));
+  restore_decoder_shapes(out, x_hat, x_log_scale);
+  return out.as_tuple();
 }
 
 }  // namespace fastvae

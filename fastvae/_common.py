@@ -61,6 +61,25 @@ def sample_shape(shape, n_samples: int) -> tuple:
     return (n_samples * shape[0], *shape[1:]) if len(shape) else (n_samples,)
 
 
+def decoder_views(x_hat: torch.Tensor, x_log_scale):
+    """The loss op's decoder tensors as its Python backends compute on them: ``x_hat`` as
+    ``[S, B, D]`` (the op also takes ``[B, D]``, one sample) and θ as ``[Sl, Bl, Dl]`` (the op
+    takes it with at most ``x_hat``'s dims, right-aligned). The C++ copy: csrc/elbo_args.cpp's
+    decoder_views."""
+    if x_hat.dim() == 2:
+        x_hat = x_hat.unsqueeze(0)
+    if x_log_scale is not None and x_log_scale.dim() < 3:
+        x_log_scale = x_log_scale.view((1,) * (3 - x_log_scale.dim()) + tuple(x_log_scale.shape))
+    return x_hat, x_log_scale
+
+
+def in_given_shapes(grads, given, needs_grad) -> list:
+    """Each wanted gradient in the shape of its input as the op was given it (undoing
+    :func:`decoder_views`); the others as they are."""
+    return [grad.reshape(tensor.shape) if need else grad
+            for grad, tensor, need in zip(grads, given, needs_grad)]
+
+
 def accumulation_dtype(*tensors) -> torch.dtype:
     """float64 when any given tensor is float64, else float32 (None entries are skipped)."""
     for tensor in tensors:

@@ -31,10 +31,14 @@ class ELBOTerms(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def _grouped(tensor: Tensor, shape, groups) -> Tensor:
+def _grouped(tensor: Tensor, shape, groups, full_rank: bool = True) -> Tensor:
     """``tensor`` (broadcastable to ``shape``) as a contiguous tensor with one dim per group of
     dims of ``shape``: size 1 where it is broadcast over the whole group, else the group's size.
-    Without a broadcast inside a group this is one view (one autograd node, not four)."""
+    Without ``full_rank``, leading size-1 dims may be left out (the loss op broadcasts θ
+    right-aligned), so a tensor already in that form needs no view. Without a broadcast inside
+    a group this is at most one view (one autograd node, not four)."""
+    if len(groups) == len(shape) and (tensor.dim() == len(shape) or not full_rank):
+        return tensor.contiguous()  # one dim per group: it broadcasts as it is
     own = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
     expanded, sizes, start = (), [], 0
     for count in groups:
@@ -50,6 +54,9 @@ def _grouped(tensor: Tensor, shape, groups) -> Tensor:
         start = end
     if expanded != own:
         tensor = tensor.reshape(own).expand(expanded)
+    dropped = len(sizes) - tensor.dim()
+    if not full_rank and dropped >= 0 and sizes[:dropped].count(1) == dropped:
+        sizes = sizes[dropped:]
     if tensor.shape != tuple(sizes):  # a view costs an autograd node (torch.Size is a tuple)
         tensor = tensor.reshape(sizes)
     return tensor.contiguous()
@@ -166,6 +173,11 @@ def _flat_latents(mu, logvar, prior_mu, prior_logvar, dtype):
     return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
 
+def _has_rows(tensor: Tensor, dim: int, batch: int) -> bool:
+    """Whether ``tensor`` has one row per datapoint along ``dim`` (which it may lack)."""
+    return -tensor.dim() <= dim < tensor.dim() and tensor.shape[dim] == batch
+
+
 def _gradients_wanted(originals, inputs, row_dims, reduction):
     """The op's ``needs_grad``: one bool per differentiable input. With reduction 'none' a
     gradient can only be formed in forward for inputs with one row per datapoint (``row_dims``
@@ -176,23 +188,30 @@ def _gradients_wanted(originals, inputs, row_dims, reduction):
     needs_grad = [_wants_grad(t) for t in originals]
     batch = inputs[0].shape[0]
     if reduction == Reduction.NONE and any(
-            need and t.shape[dim] != batch for need, t, dim in zip(needs_grad, inputs, row_dims)):
+            need and not _has_rows(t, dim, batch)
+            for need, t, dim in zip(needs_grad, inputs, row_dims)):
         return [False] * len(originals)
     return needs_grad
 
 
 # Likelihoods whose data lies in [0, 1] (checked in the value-checking mode).
 _UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
-_ROW_DIMS = (0, 1, 1, 0, 0, 0, 0)  # the datapoint dim of each normalised op input
+# The datapoint dim of each loss op input: the second-last of every one (x [B, D], x_hat
+# [(S,) B, D], θ right-aligned to x_hat, the latents [B, d]); a θ of fewer dims has none.
+_ROW_DIMS = (-2,) * 7
 
 
 def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction,
            capacity=None):
-    """Normalise shapes and run the loss op. ``x_hat`` is ``[S, *x.shape]``, ``latents`` the
-    four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the op's outputs."""
-    x2, x_hat3 = _flattened(x, 1), _flattened(x_hat, 2)
-    theta3 = None if theta is None else _grouped(theta, x_hat.shape, (1, 1, x.dim() - 1))
-    inputs = (x2, x_hat3, theta3) + _flat_latents(*latents, _latent_dtype(*latents))
+    """Normalise shapes and run the loss op. ``x_hat`` is ``x``'s shape or ``[S, *x.shape]``,
+    ``latents`` the four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the
+    op's outputs. The op takes one sample without its S dim and θ without its leading size-1
+    dims, so a 2-D call makes no view."""
+    lead = x_hat.dim() - x.dim() + 1  # the dims before the event: (S,) B
+    x2, x_hat2 = _flattened(x, 1), _flattened(x_hat, lead)
+    theta2 = None if theta is None else _grouped(theta, x_hat.shape, (1,) * lead + (x.dim() - 1,),
+                                                 full_rank=False)
+    inputs = (x2, x_hat2, theta2) + _flat_latents(*latents, _latent_dtype(*latents))
     needs_grad = _gradients_wanted((x, x_hat, theta) + tuple(latents), inputs, _ROW_DIMS,
                                    reduction)
     loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
@@ -203,8 +222,6 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
 
 
 def _nll(x, x_hat, theta, theta_const, likelihood, reduction):
-    if x_hat.dim() == x.dim():
-        x_hat = x_hat.unsqueeze(0)
     latent = x.new_empty(x.shape[0], 0)
     return _fused(x, x_hat, theta, theta_const, (latent, latent, None, None), 1.0, 0.0,
                   likelihood, reduction).loss
@@ -259,7 +276,7 @@ def _kl_part(latents, options: _KlOptions, reduction, like):
         term = kl if options.capacity is None else (kl - options.capacity).abs()
         return reduce_rows(options.beta * term, reduction), kl
     empty = like.new_empty(mu.shape[0], 0)
-    out = _fused(empty, empty.unsqueeze(0), None, 0.0, latents, options.beta, options.free_bits,
+    out = _fused(empty, empty, None, 0.0, latents, options.beta, options.free_bits,
                  Likelihood.GAUSSIAN, reduction, options.capacity)
     return out.loss, out.kl
 
@@ -309,8 +326,6 @@ def _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, ret
         kl_loss, kl = _kl_part(latents, options, reduction, x)
         terms = ELBOTerms(nll + kl_loss, nll.detach(), reduce_rows(kl, reduction).detach())
         return terms if return_terms else terms.loss
-    if x_hat.dim() == x.dim():
-        x_hat = x_hat.unsqueeze(0)
     out = _fused(x, x_hat, theta, const, latents, options.beta, options.free_bits, likelihood,
                  reduction, options.capacity)
     if not return_terms:
@@ -373,7 +388,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,
     if checking_values():
         check_values(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     empty = mu.new_empty(mu.shape[0], 0)
-    return _fused(empty, empty.unsqueeze(0), None, 0.0, (mu, logvar, prior_mu, prior_logvar),
+    return _fused(empty, empty, None, 0.0, (mu, logvar, prior_mu, prior_logvar),
                   1.0, 0.0, Likelihood.GAUSSIAN, Reduction.NONE).loss
 
 

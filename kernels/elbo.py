@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import Reduction, accumulation_dtype, reduce_rows
+from .._common import (Reduction, accumulation_dtype, decoder_views, in_given_shapes,
+                       reduce_rows)
 from ._convert import narrow, widen
 from ._launch import LaunchConfig, launch, resident_programs, tunable, warp_stage_candidates
 from .likelihoods import terms
@@ -545,6 +546,8 @@ def _rows(plan, partials, beta, capacity, batch, n_samples, device):
 def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
          likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
     """The fused loss; arguments, shapes and outputs as the reference backend's ``elbo``."""
+    given = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
+    x_hat, x_log_scale = decoder_views(x_hat, x_log_scale)
     inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
     n_samples, batch, event_size = x_hat.shape
     sizes = (batch, n_samples, event_size, mu.shape[1])
@@ -564,4 +567,5 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capaci
                                         x.device)
     grads = [_gradient(tensor, target, need, slot, plan, x)
              for slot, (tensor, target, need) in enumerate(zip(inputs, targets, needs_grad))]
-    return (reduce_rows(loss_rows, reduction), nll, kl, kl_term, *grads)
+    return (reduce_rows(loss_rows, reduction), nll, kl, kl_term,
+            *in_given_shapes(grads, given, needs_grad))

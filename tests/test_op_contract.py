@@ -224,3 +224,56 @@ def test_reparameterize_forward_of_16_bit_inputs_is_rounded_once(backend, dtype)
 def test_log_scale_gradient_keeps_the_log_scale_shape(backend, layout):
     out = _run(backend, elbo_args(log_scale=layout, dtype=F64))
     assert out["grad_x_log_scale"].shape == tuple({"S": 2, "B": 5, "D": 6, "1": 1}[c] for c in layout)
+
+
+# θ layouts of a call with one sample, as the 3-D layout and the shape the op is given instead
+# (x_hat [B, D]): without the S dim, or without more leading size-1 dims.
+SHORT_THETA = [("1BD", "BD"), ("11D", "D"), ("11D", "1D"), ("1B1", "B1"), ("111", ""),
+               ("111", "1")]
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+@pytest.mark.parametrize("layout, short", SHORT_THETA, ids=lambda l: l or "scalar")
+def test_one_sample_and_theta_without_leading_unit_dims(backend, layout, short, samples):
+    """The op takes x_hat [B, D] for one sample and θ with its leading size-1 dims left out,
+    so the public API makes no view: the outputs equal those of the 3-D call to the bit, and
+    each gradient comes in the shape its input was given."""
+    args = elbo_args(samples=samples, log_scale=layout, dtype=F64, prior="shared")
+    full = {"B": 5, "D": 6, "1": 1}
+    short_args = args.replace(inputs={
+        **args.inputs, "x_log_scale": args.inputs["x_log_scale"].reshape([full[c] for c in short]),
+        "x_hat": args.inputs["x_hat"][0] if samples == 1 else args.inputs["x_hat"]})
+    got, want = _run(backend, short_args), _run(backend, args)
+    for name in OUTPUTS:
+        given = short_args.inputs.get(name[len("grad_"):])
+        expected = want[name] if given is None else want[name].reshape(given.shape)
+        assert got[name].shape == expected.shape, name
+        assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("x_hat_of, theta_of, message", [
+    (lambda t: t[0], lambda t: t, r"x_log_scale must have at most x_hat's 2 dims"),
+    (lambda t: t[0, 0], None, r"x_hat must be \[B, D\] or \[S, B, D\]"),
+    (lambda t: t[None], None, r"x_hat must be \[B, D\] or \[S, B, D\]"),
+], ids=["theta 3-D, x_hat 2-D", "x_hat 1-D", "x_hat 4-D"])
+def test_native_op_refuses_decoder_shapes_it_cannot_view(backend, x_hat_of, theta_of, message):
+    """Each is refused with a message before any kernel runs (x_hat [1, B, D], θ [1, B, D])."""
+    if backend != "native":
+        pytest.skip("the native op's own checks")
+    args = elbo_args(samples=1, log_scale="1BD").detached()
+    inputs = {**args.inputs, "x_hat": x_hat_of(args.inputs["x_hat"]),
+              "x_log_scale": None if theta_of is None else theta_of(args.inputs["x_log_scale"])}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastvae_native.elbo(*args.replace(inputs=inputs).backend_args())
+
+
+def test_opcheck_native_op_of_one_sample_and_a_short_theta(backend):
+    """The raw native op with x_hat [B, D] and θ [D], inputs requiring grad: schema, fake
+    shapes and autograd registration agree (the gradients come back in the given shapes)."""
+    if backend != "native":
+        pytest.skip("only the native backend registers ops of its own")
+    args = elbo_args(samples=1, log_scale="11D", requires_grad=True, needs="api")
+    inputs = {**args.inputs, "x_hat": args.inputs["x_hat"].detach()[0].requires_grad_(),
+              "x_log_scale": args.inputs["x_log_scale"].detach().reshape(-1).requires_grad_()}
+    torch.library.opcheck(torch.ops.fastvae_native.elbo.default,
+                          args.replace(inputs=inputs).backend_args())

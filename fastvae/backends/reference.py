@@ -24,11 +24,13 @@ the validation, reshaping and broadcasting, so a backend only sees the shapes do
        likelihood, x_log_scale_const, free_bits, reduction, needs_grad)``
     The first seven arguments are the differentiable inputs, in the order of
     ``fastvae._common.INPUTS``: input i has gradient slot i.
-    Shapes: ``x [B, D]``, ``x_hat [S, B, D]`` (the decoder output: Gaussian or Laplace
-    location, Bernoulli logits); ``x_log_scale`` θ, the decoder's scale parameter in log form
-    (log σ² for the Gaussian, log b for the Laplace, unused by the Bernoulli): None (then the
-    float ``x_log_scale_const`` is θ) or ``[Sl, Bl, Dl]`` with each of Sl, Bl, Dl either 1
-    (broadcast) or S, B, D; ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both
+    Shapes: ``x [B, D]``, ``x_hat [S, B, D]``, or ``[B, D]`` for one sample (the decoder
+    output: Gaussian or Laplace location, Bernoulli logits); ``x_log_scale`` θ, the decoder's
+    scale parameter in log form (log σ² for the Gaussian, log b for the Laplace, unused by the
+    Bernoulli): None (then the float ``x_log_scale_const`` is θ) or ``[Sl, Bl, Dl]`` with each
+    of Sl, Bl, Dl either 1 (broadcast) or S, B, D, where leading size-1 dims may be left out
+    (at most ``x_hat``'s dims, broadcast right-aligned; ``_common.decoder_views``): the public
+    API passes one sample and θ as they come, so it makes no view; ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both
     None (standard normal) or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``,
     ``x_hat`` and ``x_log_scale`` may each have their own floating dtype; the four latent
     tensors share one dtype. ``beta``: 0-dim tensor in the loss dtype (float32; float64 when
@@ -142,7 +144,8 @@ import torch
 import torch.nn.functional as F
 
 from .._common import (CB_LOG_SERIES, CB_SERIES, CB_SWITCH, CB_TERMS, LOG_2, LOG_2PI, Likelihood,
-                       Reduction, accumulation_dtype, reduce_rows, sample_shape)
+                       Reduction, accumulation_dtype, decoder_views, in_given_shapes, reduce_rows,
+                       sample_shape)
 from .._philox import normal_stream
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -289,6 +292,8 @@ def _capacity_term(kl_term, capacity, acc):
 def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capacity, grad_scale,
          likelihood, x_log_scale_const, free_bits, reduction, needs_grad):
     acc = accumulation_dtype(x, x_hat, x_log_scale, mu)
+    given = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
+    x_hat, x_log_scale = decoder_views(x_hat, x_log_scale)
     n_samples, batch, _ = x_hat.shape
     inputs = (x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar)
     theta = (x_log_scale.to(acc) if x_log_scale is not None
@@ -314,7 +319,7 @@ def elbo(x, x_hat, x_log_scale, mu, logvar, prior_mu, prior_logvar, beta, capaci
             grads.append(_input_grad(nll_grads[i], tensor, sum_samples=i == 0))
         else:
             grads.append(_input_grad(kl_grads[i - 3] * kl_weight, tensor, sum_samples=False))
-    return (loss, nll, kl_el.sum(-1), kl_term, *grads)
+    return (loss, nll, kl_el.sum(-1), kl_term, *in_given_shapes(grads, given, needs_grad))
 
 
 def _log_density_ratio(z, mu, logvar, prior_mu, prior_logvar):
