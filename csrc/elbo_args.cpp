@@ -99,8 +99,8 @@ DecoderViews decoder_views(const at::Tensor& x_hat, const std::optional<at::Tens
 
 void restore_decoder_shapes(ElboOutputs& out, const at::Tensor& x_hat,
                             const std::optional<at::Tensor>& x_log_scale) {
-  const std::pair<Input, const at::Tensor*> decoder[] = {{kXHat, &x_hat},
-                                                          {kXLogScale, optional_pointer(x_log_scale)}};
+  const std::pair<Input, const at::Tensor*> decoder[] = {
+      {kXHat, &x_hat}, {kXLogScale, optional_pointer(x_log_scale)}};
   for (const auto& [slot, given] : decoder) {
     at::Tensor& grad = out.grads[slot];
     // (an unwanted gradient is an empty tensor of its own shape)

@@ -289,11 +289,11 @@ void row_losses(const CategoricalArgs& args, const CategoricalOutputs& out,
 
 template <typename acc_t>
 void categorical_kernel(const CategoricalArgs& args, const CategoricalOutputs& out) {
-  const at::Tensor weights =
-      (args.grad_scale ? args.grad_scale->to(scalar_type_of<acc_t>())
-                       : at::full({args.batch}, args.uniform_weight(), out.nll.options())) /
-      static_cast<double>(args.samples);
-  const Problem<acc_t> p = make_problem(args, out, weights.const_data_ptr<acc_t>());
+  // (a sample's share of its row's weight)
+  std::vector<acc_t> weights =
+      row_weights<acc_t>(args.grad_scale, args.batch, args.uniform_weight());
+  for (acc_t& weight : weights) weight /= static_cast<acc_t>(args.samples);
+  const Problem<acc_t> p = make_problem(args, out, weights.data());
   const int64_t items = args.samples * args.batch * p.blocks;
   std::vector<double> partials(items);
   // A per-task work buffer: the gradient of one block ([K, n] or one position's K).

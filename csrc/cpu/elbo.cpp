@@ -1,18 +1,13 @@
 // The fused ELBO on the CPU: the NLL pass (nll.cpp) over x, x_hat and x_log_scale, the KL pass
 // (kl.cpp) over the latents, then the per-row losses and their reduction.
+#include <vector>
+
 #include "huge_pages.h"
 #include "kernels.h"
 #include "passes.h"
 
 FASTVAE_NAMESPACE_BEGIN
 namespace {
-
-// w_b, the weight of row b in the loss whose gradient is formed.
-template <typename acc_t>
-at::Tensor row_weights(const ElboArgs& args, const at::TensorOptions& options) {
-  return args.grad_scale ? args.grad_scale->to(scalar_type_of<acc_t>()).contiguous()
-                         : at::full({args.batch}, args.uniform_weight(), options);
-}
 
 // loss = nll + beta * kl_term per row, summed in row order (deterministic) in double, which
 // keeps large batches exact enough.
@@ -34,10 +29,12 @@ void reduce_loss(const ElboArgs& args, const ElboOutputs& out, acc_t beta) {
 template <typename acc_t>
 void elbo_kernel(const ElboArgs& args, const ElboOutputs& out) {
   const acc_t beta = read_scalar<acc_t>(*args.beta);
-  const at::Tensor weights = row_weights<acc_t>(args, out.nll.options());
-  const at::Tensor kl_weights = weights * beta;
-  nll_pass<acc_t>(args, out, weights.const_data_ptr<acc_t>(), out.nll.mutable_data_ptr<acc_t>());
-  kl_pass<acc_t>(args, out, kl_weights.const_data_ptr<acc_t>(), out.kl.mutable_data_ptr<acc_t>(),
+  const std::vector<acc_t> weights =
+      row_weights<acc_t>(args.grad_scale, args.batch, args.uniform_weight());
+  std::vector<acc_t> kl_weights(weights);
+  for (acc_t& weight : kl_weights) weight *= beta;
+  nll_pass<acc_t>(args, out, weights.data(), out.nll.mutable_data_ptr<acc_t>());
+  kl_pass<acc_t>(args, out, kl_weights.data(), out.kl.mutable_data_ptr<acc_t>(),
                  out.kl_term.mutable_data_ptr<acc_t>());
   reduce_loss<acc_t>(args, out, beta);
 }

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../elbo_args.h"
 #include "tiles.h"
@@ -89,6 +90,17 @@ template <typename acc_t>
 acc_t read_scalar(const at::Tensor& tensor) {
   acc_t converted;
   return *load_tile(tensor.const_data_ptr(), tensor.scalar_type(), 1, &converted);
+}
+
+// w_b, the weight of row b in the loss whose gradient is formed: grad_scale[b] in acc_t when
+// given, else `uniform`. A plain vector: at small batches a tensor fill and a tensor product
+// cost more than the whole kernel (callers scale it in acc_t, as a tensor op would round).
+template <typename acc_t>
+std::vector<acc_t> row_weights(const at::Tensor* grad_scale, int64_t batch, double uniform) {
+  if (!grad_scale) return std::vector<acc_t>(batch, static_cast<acc_t>(uniform));
+  const at::Tensor weights = grad_scale->to(scalar_type_of<acc_t>()).contiguous();
+  const acc_t* data = weights.const_data_ptr<acc_t>();
+  return std::vector<acc_t>(data, data + batch);
 }
 
 // nll[b] and the gradients of x, x_hat and x_log_scale; `weights[b]` is the weight w_b of row b
