@@ -156,10 +156,6 @@ def _theta(likelihood, scale_arguments, target_shape):
                           target_shape, from_value)
 
 
-def _wants_grad(tensor: Optional[Tensor]) -> bool:
-    return tensor is not None and tensor.requires_grad
-
-
 def _flat_latents(mu, logvar, prior_mu, prior_logvar, dtype):
     """``[B, L]`` latents in ``dtype``, and the priors as ``[1 or B, L]``."""
     mu2, logvar2 = _flattened(_as(mu, dtype), 1), _flattened(_as(logvar, dtype), 1)
@@ -178,19 +174,20 @@ def _has_rows(tensor: Tensor, dim: int, batch: int) -> bool:
     return -tensor.dim() <= dim < tensor.dim() and tensor.shape[dim] == batch
 
 
-def _gradients_wanted(originals, inputs, row_dims, reduction):
-    """The op's ``needs_grad``: one bool per differentiable input. With reduction 'none' a
-    gradient can only be formed in forward for inputs with one row per datapoint (``row_dims``
-    names each input's datapoint dim). If another input wants one, the op recomputes every
-    gradient in backward with the upstream gradient as row weights, so forward forms none."""
+def _gradients_wanted(inputs, row_dims, reduction):
+    """The op's ``needs_grad``: one bool per differentiable input (normalised: a view or copy
+    requires grad exactly when its source does). With reduction 'none' a gradient can only be
+    formed in forward for inputs with one row per datapoint (``row_dims`` names each input's
+    datapoint dim). If another input wants one, the op recomputes every gradient in backward
+    with the upstream gradient as row weights, so forward forms none."""
     if not torch.is_grad_enabled():
-        return [False] * len(originals)
-    needs_grad = [_wants_grad(t) for t in originals]
+        return [False] * len(inputs)
+    needs_grad = [t is not None and t.requires_grad for t in inputs]
     batch = inputs[0].shape[0]
     if reduction == Reduction.NONE and any(
             need and not _has_rows(t, dim, batch)
             for need, t, dim in zip(needs_grad, inputs, row_dims)):
-        return [False] * len(originals)
+        return [False] * len(inputs)
     return needs_grad
 
 
@@ -212,13 +209,12 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
     theta2 = None if theta is None else _grouped(theta, x_hat.shape, (1,) * lead + (x.dim() - 1,),
                                                  full_rank=False)
     inputs = (x2, x_hat2, theta2) + _flat_latents(*latents, _latent_dtype(*latents))
-    needs_grad = _gradients_wanted((x, x_hat, theta) + tuple(latents), inputs, _ROW_DIMS,
-                                   reduction)
-    loss_dtype = accumulation_dtype(x, x_hat, theta, inputs[3])
-    capacity = None if capacity is None else _beta_tensor(capacity, x.device, loss_dtype)
-    return _ops.elbo(*inputs, _beta_tensor(beta, x.device, loss_dtype), capacity, None,
+    needs_grad = _gradients_wanted(inputs, _ROW_DIMS, reduction)
+    loss_dtype, device = accumulation_dtype(x, x_hat, theta, inputs[3]), x.device
+    capacity = None if capacity is None else _beta_tensor(capacity, device, loss_dtype)
+    return _ops.elbo(*inputs, _beta_tensor(beta, device, loss_dtype), capacity, None,
                      int(likelihood), float(theta_const), float(free_bits), int(reduction),
-                     needs_grad, device=x.device)
+                     needs_grad, device=device)
 
 
 def _nll(x, x_hat, theta, theta_const, likelihood, reduction):

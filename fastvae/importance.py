@@ -147,8 +147,7 @@ def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction, log_px=Non
         offsets.append(_mixture_offset(z, *latents[:2], prior, loss_dtype))
     offset = sum(offsets[1:], offsets[0]) if offsets else None
     inputs = (x2, x_hat3, theta3, z3) + _flat_latents(*latents, dtype) + (offset,)
-    needs_grad = _gradients_wanted((x, x_hat, theta, z) + tuple(latents) + (offset,), inputs,
-                                   _ROW_DIMS, reduction)
+    needs_grad = _gradients_wanted(inputs, _ROW_DIMS, reduction)
     return _ops.iwae(*inputs, None, int(likelihood), float(theta_const), int(reduction),
                      tie is not None, needs_grad, device=x.device)
 
