@@ -65,7 +65,7 @@ def check_same_shape(name_a, a, name_b, b):
 def check_broadcasts_to(name, value, shape, target_name):
     """``value`` must broadcast to ``shape`` without enlarging it."""
     own = value.shape
-    fits = len(own) <= len(shape) and all(
+    fits = own == shape or len(own) <= len(shape) and all(
         size == 1 or size == target for size, target in zip(reversed(own), reversed(shape)))
     if not fits:
         raise ValueError(f"{name} of shape {tuple(own)} does not broadcast to "
