@@ -66,7 +66,8 @@ the validation, reshaping and broadcasting, so a backend only sees the shapes do
     The importance-weighted bound (Burda et al. 2016) with S samples per datapoint. The first
     nine arguments are the differentiable inputs (``fastvae._common.IWAE_INPUTS``). ``x``,
     ``x_hat``, ``x_log_scale``, ``grad_scale``, ``likelihood``, ``x_log_scale_const`` and
-    ``reduction`` as in ``elbo``; ``z [S, B, d]`` the samples the decoder saw, ``mu``,
+    ``reduction`` as in ``elbo``, except that ``x_hat`` is always ``[S, B, D]`` and θ always
+    ``[Sl, Bl, Dl]`` (no dim left out); ``z [S, B, d]`` the samples the decoder saw, ``mu``,
     ``logvar`` ``[B, d]`` the encoder's q(z|x), the prior as in ``elbo`` (the four latent
     tensors share one dtype); ``log_weight_offset``: None or ``[S, B]`` in the loss dtype, added
     to the log weights (zero in use: its gradient carries the normalised weights back to
