@@ -3,12 +3,13 @@
 Microseconds per call of forward, backward and forward+backward of ``elbo_loss`` and of
 ``reparameterize`` on tiny tensors, where the arithmetic is negligible and what remains is
 Python, dispatch and autograd: for every fastvae backend on the device, for plain PyTorch and
-for torch.compile of it, each with its ratio to plain PyTorch measured in the same run. Torch
+for torch.compile of it, each with its ratio to plain PyTorch measured in the same rounds. Torch
 uses 1 intra-op thread. On CUDA nothing synchronises inside a timed loop (the device catches
 up after it), so the figure is what the host spends issuing the work. Also prints the import
 time of ``import torch`` against ``import torch, fastvae``, each in fresh interpreters.
 """
 import argparse
+import functools
 import statistics
 import subprocess
 import sys
@@ -65,28 +66,37 @@ def phase_us(call, backward, calls, sync):
     return dict(zip(PHASES, (forward, backward_only, both)))
 
 
-def measure_one(call, backward, calls, rounds, sync):
-    """Per phase, the median over ``rounds`` of host µs per call, after a warm-up round
-    (compilation, autotuning)."""
-    phase_us(call, backward, calls, sync)
-    samples = [phase_us(call, backward, calls, sync) for _ in range(rounds)]
-    return {phase: statistics.median(s[phase] for s in samples) for phase in PHASES}
+def interleaved_us(entries, calls, rounds, sync):
+    """Per entry (call, backward, backend), per phase, the median over ``rounds`` of host µs
+    per call. Each round times every entry in turn, so a drift of the machine's speed during
+    the run (this VM's drifts by up to a third) reaches every entry alike and their ratios
+    stay fair."""
+    samples = [[] for _ in entries]
+    for _ in range(rounds):
+        for (call, backward, backend), own in zip(entries, samples):
+            with fastvae.use_backend(backend):
+                own.append(phase_us(call, backward, calls, sync))
+    return [{phase: statistics.median(s[phase] for s in own) for phase in PHASES}
+            for own in samples]
 
 
 def device_rows(device, args):
-    """One row per (operation, implementation) on ``device``."""
+    """One row per (operation, implementation) on ``device``; an operation's rows are timed in
+    the same rounds, so they share one figure of other processes' load."""
     inputs = make_inputs(TINY, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    implementations = candidates(device)
     rows = []
-    for name, backend, sample, loss in candidates(device):
-        with fastvae.use_backend(backend or "auto"):
-            for operation, (call, backward) in operations(inputs).items():
-                fn = loss if operation == "elbo_loss" else sample
-                times, others = measure.least_disturbed(
-                    lambda: measure_one(lambda: call(fn), backward, args.calls, args.rounds,
-                                        sync), args.attempts, args.wait_idle)
-                rows.append({"device": device.type, "operation": operation,
-                             "implementation": name, **times, "other_cpu_cores": others})
+    for operation, (call, backward) in operations(inputs).items():
+        entries = [(functools.partial(call, loss if operation == "elbo_loss" else sample),
+                    backward, backend or "auto") for _, backend, sample, loss in implementations]
+        interleaved_us(entries, args.calls, 1, sync)  # warm-up: compilation, autotuning
+        times, others = measure.least_disturbed(
+            lambda: interleaved_us(entries, args.calls, args.rounds, sync), args.attempts,
+            args.wait_idle)
+        rows += [{"device": device.type, "operation": operation, "implementation": name,
+                  **phases, "other_cpu_cores": others}
+                 for (name, *_), phases in zip(implementations, times)]
     return rows
 
 
