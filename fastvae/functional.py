@@ -355,14 +355,14 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
     check_n_samples(n_samples)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if seed is not None:
+        check_seed(seed)
+    check_same_device(mu=mu, logvar=logvar, seed=seed)  # (a seed made below is on mu's device)
     if seed is None:
         seed = torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device=mu.device,
                              generator=generator)
-    else:
-        check_seed(seed)
-        if not isinstance(seed, Tensor):
-            seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
-    check_same_device(mu=mu, logvar=logvar, seed=seed)
+    elif not isinstance(seed, Tensor):
+        seed = torch.full((), seed, dtype=torch.int64, device=mu.device)
     if checking_values():
         check_values(mu=mu, logvar=logvar)
     dtype = _latent_dtype(mu, logvar)
