@@ -30,14 +30,15 @@ the validation, reshaping and broadcasting, so a backend only sees the shapes do
     Bernoulli): None (then the float ``x_log_scale_const`` is θ) or ``[Sl, Bl, Dl]`` with each
     of Sl, Bl, Dl either 1 (broadcast) or S, B, D, where leading size-1 dims may be left out
     (at most ``x_hat``'s dims, broadcast right-aligned; ``_common.decoder_views``): the public
-    API passes one sample and θ as they come, so it makes no view; ``mu``, ``logvar`` ``[B, d]``; ``prior_mu``, ``prior_logvar`` both
-    None (standard normal) or both ``[Bp, d]`` with Bp in {1, B}. All contiguous. ``x``,
-    ``x_hat`` and ``x_log_scale`` may each have their own floating dtype; the four latent
-    tensors share one dtype. ``beta``: 0-dim tensor in the loss dtype (float32; float64 when
-    any input is float64). ``capacity``: None, or the KL capacity C (Burgess et al. 2018) as a
-    0-dim tensor in the loss dtype, read where it lies (no host sync). ``grad_scale``: None, or
-    a ``[B]`` tensor of per-datapoint weights in the loss dtype. ``likelihood``: a
-    ``Likelihood`` value. ``free_bits``: float ≥ 0. ``reduction``: a ``Reduction`` value.
+    API passes one sample and θ as they come, so it makes no view; ``mu``, ``logvar``
+    ``[B, d]``; ``prior_mu``, ``prior_logvar`` both None (standard normal) or both ``[Bp, d]``
+    with Bp in {1, B}. All contiguous. ``x``, ``x_hat`` and ``x_log_scale`` may each have
+    their own floating dtype; the four latent tensors share one dtype. ``beta``: 0-dim tensor
+    in the loss dtype (float32; float64 when any input is float64). ``capacity``: None, or the
+    KL capacity C (Burgess et al. 2018) as a 0-dim tensor in the loss dtype, read where it lies
+    (no host sync). ``grad_scale``: None, or a ``[B]`` tensor of per-datapoint weights in the
+    loss dtype. ``likelihood``: a ``Likelihood`` value. ``free_bits``: float ≥ 0.
+    ``reduction``: a ``Reduction`` value.
     ``needs_grad``: 7 bools, one per slot.
 
     Returns the 11-tuple ``(loss, nll, kl, kl_term, *grads)``:
