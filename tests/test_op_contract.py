@@ -226,8 +226,8 @@ def test_log_scale_gradient_keeps_the_log_scale_shape(backend, layout):
     assert out["grad_x_log_scale"].shape == tuple({"S": 2, "B": 5, "D": 6, "1": 1}[c] for c in layout)
 
 
-# θ layouts of a call with one sample, as the 3-D layout and the shape the op is given instead
-# (x_hat [B, D]): without the S dim, or without more leading size-1 dims.
+# θ as its 3-D layout and as the shorter shape the op is given instead, its leading size-1 dims
+# left out (with one sample, x_hat comes as [B, D] too).
 SHORT_THETA = [("1BD", "BD"), ("11D", "D"), ("11D", "1D"), ("1B1", "B1"), ("111", ""),
                ("111", "1")]
 
