@@ -75,8 +75,9 @@ def decoder_views(x_hat: torch.Tensor, x_log_scale):
 
 def in_given_shapes(grads, given, needs_grad) -> list:
     """Each wanted gradient in the shape of its input as the op was given it (undoing
-    :func:`decoder_views`); the others as they are."""
-    return [grad.reshape(tensor.shape) if need else grad
+    :func:`decoder_views`); the others as they are. Only a gradient whose shape differs gets a
+    new tensor object: on the Triton path each costs host time per call."""
+    return [grad.reshape(tensor.shape) if need and grad.shape != tensor.shape else grad
             for grad, tensor, need in zip(grads, given, needs_grad)]
 
 
