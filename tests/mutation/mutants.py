@@ -65,7 +65,7 @@ MUTANTS = [
            ("tests/test_validation.py",), REFERENCE_AND_NATIVE,
            "an integer x_logvar / x_logscale is accepted (reference) or fails in C++ (native)"),
     Mutant("beta_grad_from_kl_before_free_bits", "fastvae/_ops.py",
-           "    kl_term = output[3]\n", "    kl_term = output[2]\n",
+           "    kl_term = output[3] if", "    kl_term = output[2] if",
            ("tests/test_elbo.py", "tests/test_terms.py"), REFERENCE_AND_NATIVE,
            "dβ taken from the KL rather than the free-bits-clamped kl_term"),
     Mutant("native_shared_prior_partials_overwritten", "csrc/cpu/kl.cpp",
@@ -90,14 +90,14 @@ MUTANTS = [
            "if (factor == acc_t(1)) continue;", "if (factor <= acc_t(1)) continue;",
            ("tests/test_backward_scaling.py", "tests/test_op_contract.py"), NATIVE,
            "scale_'s early exit on the wrong condition: rows with upstream < 1 are left unscaled"),
-    Mutant("native_theta_grad_over_batch_not_summed", "csrc/cpu/nll.cpp",
-           "    store_as(load_as<T>(out.grad_log_scale + i) + weighted, out.grad_log_scale + i);\n",
-           "    store_as(weighted, out.grad_log_scale + i);\n",
+    Mutant("native_theta_grad_over_batch_not_summed", "csrc/cpu/nll_worker.h",
+           "store_as(load_as<T>(out.grad_log_scale + i) + weighted, out.grad_log_scale + i);",
+           "store_as(weighted, out.grad_log_scale + i);",
            ("tests/test_elbo.py", "tests/test_terms.py", "tests/test_op_contract.py"), NATIVE,
            "a θ broadcast over B gets one row's gradient, not the sum over rows"),
-    Mutant("native_scalar_theta_partials_overwritten", "csrc/cpu/nll.cpp",
-           "partial[p_.scale_per_sample() ? s : 0] += scale_row_sums_[s];",
-           "partial[p_.scale_per_sample() ? s : 0] = scale_row_sums_[s];",
+    Mutant("native_scalar_theta_partials_overwritten", "csrc/cpu/nll_worker.h",
+           "partial_[p_.scale_per_sample() ? s : 0] += scale_row_sums_[s];",
+           "partial_[p_.scale_per_sample() ? s : 0] = scale_row_sums_[s];",
            ("tests/test_elbo.py", "tests/test_terms.py", "tests/test_op_contract.py"), NATIVE,
            "a θ of one value per sample: the chunk partial keeps only its last row"),
     # ---- Triton -------------------------------------------------------------------------------
@@ -169,7 +169,72 @@ def check_imports(need_triton):
         sys.exit(out.stderr)
 
 
-def main():
+class Extension:
+    """fastvae._C, and whether it was last built from mutated C++ sources: such a build stays in
+    place (saving a rebuild between C++ mutants) until a mutant outside csrc/ needs the clean one
+    or the run ends."""
+
+    def __init__(self):
+        self.mutated = False
+
+    def build_mutant(self, log):
+        self.mutated = True
+        return build(log)
+
+    def restore(self, log):
+        """Rebuilds from the clean sources where needed; False when that build fails."""
+        if self.mutated:
+            if not build(log):
+                return False
+            self.mutated = False
+        return True
+
+
+def mutate_and_test(mutant, original, log, timeout, extension):
+    """The mutant's outcome with its text written in its file (the caller restores the file)."""
+    if not mutant.native and not extension.restore(log):  # before the mutant is written
+        raise RuntimeError(f"the restored sources do not build: {log.name}")
+    (ROOT / mutant.file).write_text(original.replace(mutant.old, mutant.new))
+    if mutant.native and not extension.build_mutant(log):
+        return "build error"
+    log.flush()
+    return run_tests(mutant, log, timeout)
+
+
+def run_mutant(mutant, logs, timeout, extension):
+    """Applies, tests and restores one mutant; returns its result row (and prints it)."""
+    path = ROOT / mutant.file
+    original = path.read_text()
+    start = time.time()
+    with open(logs / f"{mutant.name}.log", "w") as log:
+        if original.count(mutant.old) != 1:
+            outcome = f"stale (text found {original.count(mutant.old)} times)"
+        else:
+            try:
+                outcome = mutate_and_test(mutant, original, log, timeout, extension)
+            finally:
+                path.write_text(original)  # the same as `git checkout` of a clean file
+    seconds = time.time() - start
+    print(f"{outcome:>10}  {mutant.name}  ({mutant.file}, {seconds:.0f} s)", flush=True)
+    return {"name": mutant.name, "file": mutant.file, "outcome": outcome,
+            "seconds": round(seconds, 1)}
+
+
+def report(results, chosen, json_path):
+    """Prints the score and the mutants not killed; the exit status (0: every chosen mutant
+    ran and was killed)."""
+    killed = sum(r["outcome"] == "killed" for r in results)
+    print(f"\nkilled {killed} of {len(results)}"
+          + (f" ({100 * killed / len(results):.0f}%)" if results else ""))
+    for r in results:
+        if r["outcome"] != "killed":
+            print(f"  NOT KILLED: {r['name']}: {r['outcome']}")
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if results and killed == len(results) == len(chosen) else 1
+
+
+def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -178,10 +243,15 @@ def main():
     parser.add_argument("--logs", default=str(ROOT / "build" / "mutation-logs"),
                         help="one build+test log per mutant")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTANTS}
     if unknown:
         sys.exit(f"unknown mutants: {sorted(unknown)}")
+    return args
+
+
+def main():
+    args = parse_arguments()
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     if args.list:
         for m in chosen:
             print(f"{m.name}\n    {m.file}: {m.why}\n    tests: {' '.join(m.tests)}  {m.env}")
@@ -190,55 +260,18 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
     logs = pathlib.Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    results, native_dirty = [], False
+    results, extension = [], Extension()
     try:
         for m in chosen:
-            path = ROOT / m.file
-            original = path.read_text()
-            start = time.time()
-            with open(logs / f"{m.name}.log", "w") as log:
-                if original.count(m.old) != 1:
-                    outcome = f"stale (text found {original.count(m.old)} times)"
-                else:
-                    try:
-                        path.write_text(original.replace(m.old, m.new))
-                        if m.native:
-                            native_dirty = True
-                        elif native_dirty:  # the previous C++ mutant's build is still in place
-                            path.write_text(original)
-                            ok = build(log)
-                            path.write_text(original.replace(m.old, m.new))
-                            if not ok:
-                                raise RuntimeError(f"the restored sources do not build: {log.name}")
-                            native_dirty = False
-                        if m.native and not build(log):
-                            outcome = "build error"
-                        else:
-                            log.flush()
-                            outcome = run_tests(m, log, args.timeout)
-                    finally:
-                        path.write_text(original)  # the same as `git checkout` of a clean file
-            seconds = time.time() - start
-            results.append({"name": m.name, "file": m.file, "outcome": outcome,
-                            "seconds": round(seconds, 1)})
-            print(f"{outcome:>10}  {m.name}  ({m.file}, {seconds:.0f} s)", flush=True)
+            results.append(run_mutant(m, logs, args.timeout, extension))
     except (KeyboardInterrupt, Interrupted) as error:
         print(f"stopped: {error}", file=sys.stderr)
     finally:
-        if native_dirty:
-            with open(logs / "restore-build.log", "w") as log:
-                if not build(log):
-                    print("the restored sources did not build: see restore-build.log",
-                          file=sys.stderr)
-    killed = sum(r["outcome"] == "killed" for r in results)
-    print(f"\nkilled {killed} of {len(results)}"
-          + (f" ({100 * killed / len(results):.0f}%)" if results else ""))
-    for r in results:
-        if r["outcome"] != "killed":
-            print(f"  NOT KILLED: {r['name']}: {r['outcome']}")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if results and killed == len(results) == len(chosen) else 1
+        with open(logs / "restore-build.log", "w") as log:
+            if not extension.restore(log):
+                print("the restored sources did not build: see restore-build.log",
+                      file=sys.stderr)
+    return report(results, chosen, args.json)
 
 
 if __name__ == "__main__":
