@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "elbo_args.h"
+#include "iwae_args.h"
 
 namespace fastvae {
 namespace {
@@ -82,6 +83,7 @@ c10::OperatorHandle native_op(const char* name) {
 struct LossLayout {
   size_t arguments, slots, first_grad, grad_scale, reduction, needs_grad;
   size_t rows;                 // an argument whose dim 0 is the batch
+  std::vector<int64_t> row_dims;  // per slot, the datapoint dim of its gradient (see below)
   std::optional<size_t> beta;  // a differentiable KL weight (the ELBO's β), after the slots
   // The output β's gradient is formed from: the ELBO's [B] KL terms (fastvae._ops.ElboOutputs).
   static constexpr size_t kKlTermOutput = 3;
@@ -93,11 +95,14 @@ size_t argument_index(const c10::FunctionSchema& schema, const char* name) {
   return static_cast<size_t>(*index);
 }
 
-LossLayout loss_layout(const c10::FunctionSchema& schema, const char* rows_argument) {
+LossLayout loss_layout(const c10::FunctionSchema& schema, const char* rows_argument,
+                       std::vector<int64_t> row_dims) {
   LossLayout layout{};
   layout.arguments = schema.arguments().size();
   layout.needs_grad = argument_index(schema, "needs_grad");
   layout.slots = static_cast<size_t>(*schema.arguments()[layout.needs_grad].N());
+  TORCH_INTERNAL_ASSERT(row_dims.size() == layout.slots, schema.name(), ": one row dim per slot");
+  layout.row_dims = std::move(row_dims);
   layout.first_grad = schema.returns().size() - layout.slots;
   layout.grad_scale = argument_index(schema, "grad_scale");
   layout.reduction = argument_index(schema, "reduction");
@@ -106,20 +111,25 @@ LossLayout loss_layout(const c10::FunctionSchema& schema, const char* rows_argum
   return layout;
 }
 
-// `grad` as scale_ takes it: as it is for a 0-dim upstream, else [L, B, T] (a gradient is
-// [B, n] or [L, B, *n], see the backend contract).
-at::Tensor row_view(const at::Tensor& grad, const at::Tensor& upstream) {
+// `grad` as scale_ takes it: as it is for a 0-dim upstream, else [L, B, T] around its datapoint
+// dim `row_dim`.
+at::Tensor row_view(const at::Tensor& grad, const at::Tensor& upstream, int64_t row_dim) {
   if (upstream.dim() == 0) return grad;
-  return grad.dim() == 2 ? grad.unsqueeze(0) : grad.flatten(2);
+  const int64_t row = c10::maybe_wrap_dim(row_dim, grad.dim());
+  const c10::SymIntArrayRef sizes = grad.sym_sizes();
+  c10::SymInt lead = 1, trail = 1;
+  for (int64_t d = 0; d < row; ++d) lead = lead * sizes[d];
+  for (int64_t d = row + 1; d < grad.dim(); ++d) trail = trail * sizes[d];
+  return grad.view_symint({lead, sizes[row], trail});
 }
 
-// A new tensor grad · factor, per row for a [B] factor, formed in float32 (float64 for a
-// float64 grad) and rounded once to grad's dtype.
-at::Tensor scaled_copy(const at::Tensor& grad, at::Tensor factor) {
+// A new tensor grad · factor, per row (along `row_dim`) for a [B] factor, formed in float32
+// (float64 for a float64 grad) and rounded once to grad's dtype.
+at::Tensor scaled_copy(const at::Tensor& grad, at::Tensor factor, int64_t row_dim) {
   factor = factor.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   if (factor.dim() != 0) {
     std::vector<int64_t> shape(grad.dim(), 1);
-    shape[grad.dim() == 2 ? 0 : 1] = -1;  // rows: dim 0 of [B, n], dim 1 of [L, B, *n]
+    shape[c10::maybe_wrap_dim(row_dim, grad.dim())] = -1;
     factor = factor.view(shape);
   }
   return (grad * factor).to(grad.scalar_type());
@@ -150,6 +160,7 @@ struct LossBackward : Node {
  private:
   variable_list scaled(const at::Tensor& upstream);
   variable_list rescaled(variable_list grads, const at::Tensor& upstream) const;
+  variable_list scaled_copies(variable_list grads, const at::Tensor& factor) const;
   variable_list recomputed(const at::Tensor& upstream);
 };
 
@@ -204,20 +215,16 @@ bool traced(const at::Tensor& tensor) {
 variable_list LossBackward::scaled(const at::Tensor& upstream) {
   variable_list grads;
   for (const SavedVariable& grad : saved) grads.push_back(grad.unpack());
-  if (traced(upstream)) {
-    for (at::Tensor& grad : grads) {
-      if (grad.defined()) grad = scaled_copy(grad, upstream);
-    }
-    return grads;
-  }
+  if (traced(upstream)) return scaled_copies(std::move(grads), upstream);
   if (first_upstream.defined()) return rescaled(std::move(grads), upstream);
   // The gradients are the loss's own buffers, not yet handed out: scale them in place. Their
   // variable_data has its own version counter, so retaining the graph trips no check.
   std::vector<at::Tensor> buffers;
-  for (const at::Tensor& grad : grads) {
+  for (size_t slot = 0; slot < grads.size(); ++slot) {
+    const at::Tensor& grad = grads[slot];
     // (sym_numel: under torch.compile's tracing the sizes may be symbolic)
     if (grad.defined() && grad.sym_numel() != 0) {
-      buffers.push_back(row_view(grad.variable_data(), upstream));
+      buffers.push_back(row_view(grad.variable_data(), upstream, layout->row_dims[slot]));
     }
   }
   static const auto scale_op =
@@ -243,9 +250,13 @@ variable_list LossBackward::rescaled(variable_list grads, const at::Tensor& upst
               "fastvae: backward through a retained graph whose first backward had an upstream "
               "gradient of 0, which scaled the loss's gradients to 0 in place; run the first "
               "backward with a nonzero gradient");
-  const at::Tensor factor = upstream / first_upstream;
-  for (at::Tensor& grad : grads) {
-    if (grad.defined()) grad = scaled_copy(grad, factor);
+  return scaled_copies(std::move(grads), upstream / first_upstream);
+}
+
+variable_list LossBackward::scaled_copies(variable_list grads, const at::Tensor& factor) const {
+  for (size_t slot = 0; slot < grads.size(); ++slot) {
+    at::Tensor& grad = grads[slot];
+    if (grad.defined()) grad = scaled_copy(grad, factor, layout->row_dims[slot]);
   }
   return grads;
 }
@@ -284,7 +295,8 @@ void LossBackward::release_variables() {
 // loss (output 0) where a differentiable input requires grad; the other outputs carry none.
 class LossAutograd final : public c10::OperatorKernel {
  public:
-  explicit LossAutograd(const char* rows_argument) : rows_argument_(rows_argument) {}
+  LossAutograd(const char* rows_argument, std::vector<int64_t> row_dims)
+      : rows_argument_(rows_argument), row_dims_(std::move(row_dims)) {}
 
   void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack) {
     const LossLayout& layout = layout_of(op);
@@ -314,11 +326,12 @@ class LossAutograd final : public c10::OperatorKernel {
 
  private:
   const LossLayout& layout_of(const c10::OperatorHandle& op) {
-    std::call_once(once_, [&] { layout_ = loss_layout(op.schema(), rows_argument_); });
+    std::call_once(once_, [&] { layout_ = loss_layout(op.schema(), rows_argument_, row_dims_); });
     return *layout_;
   }
 
   const char* rows_argument_;
+  std::vector<int64_t> row_dims_;
   std::once_flag once_;
   std::optional<LossLayout> layout_;
 };
@@ -442,11 +455,18 @@ std::tuple<at::Tensor, at::Tensor> mixture_autograd(const at::Tensor& z, const a
 
 TORCH_LIBRARY_IMPL(fastvae_native, Autograd, m) {
   using fastvae::LossAutograd;
-  m.impl("elbo", torch::CppFunction::makeFromBoxedFunctor(std::make_unique<LossAutograd>("x")));
-  m.impl("iwae", torch::CppFunction::makeFromBoxedFunctor(std::make_unique<LossAutograd>("x")));
+  // Each slot's datapoint dim, negative from the end (fastvae._common's ROW_DIMS,
+  // IWAE_ROW_DIMS and CATEGORICAL_ROW_DIMS): the second-last of every ELBO and bound input but
+  // the bound's log-weight offset [S, B], which has it last; dim 1 of the logits [S, B, ...].
+  std::vector<int64_t> iwae_rows(fastvae::IwaeSlot::kCount, -2);
+  iwae_rows[fastvae::IwaeSlot::kLogWeightOffset] = -1;
+  m.impl("elbo", torch::CppFunction::makeFromBoxedFunctor(std::make_unique<LossAutograd>(
+                     "x", std::vector<int64_t>(fastvae::kInputCount, -2))));
+  m.impl("iwae", torch::CppFunction::makeFromBoxedFunctor(
+                     std::make_unique<LossAutograd>("x", std::move(iwae_rows))));
   // The logits are [S, B, ...]: the batch is the target's dim 0.
-  m.impl("categorical",
-         torch::CppFunction::makeFromBoxedFunctor(std::make_unique<LossAutograd>("target")));
+  m.impl("categorical", torch::CppFunction::makeFromBoxedFunctor(
+                            std::make_unique<LossAutograd>("target", std::vector<int64_t>{1})));
   m.impl("reparameterize", TORCH_FN(fastvae::reparameterize_autograd));
   m.impl("mixture_log_ratio", TORCH_FN(fastvae::mixture_autograd));
 }

@@ -52,6 +52,14 @@ INPUTS = ("x", "x_hat", "x_log_scale", "mu", "logvar", "prior_mu", "prior_logvar
 # The same for the importance-weighted bound op.
 IWAE_INPUTS = ("x", "x_hat", "x_log_scale", "z", "mu", "logvar", "prior_mu", "prior_logvar",
                "log_weight_offset")
+# The datapoint dim of each loss op input and of its gradient (negative: from the end). Every
+# ELBO input has it second-last (x [B, D], x_hat [(S,) B, D], θ right-aligned to x_hat, the
+# latents [B, d]; a θ of fewer dims has none), and so does every bound input but the log-weight
+# offset [S, B], which has it last; the categorical logits [S, B, ...] have it at dim 1. The C++
+# copy: csrc/autograd.cpp's registration.
+ROW_DIMS = (-2,) * len(INPUTS)
+IWAE_ROW_DIMS = (-2,) * (len(IWAE_INPUTS) - 1) + (-1,)
+CATEGORICAL_ROW_DIMS = (1,)
 
 
 def sample_shape(shape, n_samples: int) -> tuple:

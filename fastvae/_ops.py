@@ -22,6 +22,7 @@ the mixture prior's op recomputes its responsibilities in backward from the late
 """
 import functools
 import inspect
+import math
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import _shapes, backends
-from ._common import Reduction
+from ._common import CATEGORICAL_ROW_DIMS, IWAE_ROW_DIMS, ROW_DIMS, Reduction
 
 
 def _wraps(backend, tensors) -> bool:
@@ -281,21 +282,23 @@ class _LossOp(NamedTuple):
     reduction: int
     needs_grad: int
     beta: Optional[int]  # argument index of a differentiable KL weight (the ELBO's β)
+    row_dims: tuple      # per slot, the datapoint dim of its gradient (fastvae._common)
 
 
-def _loss_op(function, custom_op, implementation, outputs, slots, rows=0) -> _LossOp:
+def _loss_op(function, custom_op, implementation, outputs, row_dims, rows=0) -> _LossOp:
     names = list(inspect.signature(implementation).parameters)
     first_grad = next(i for i, name in enumerate(outputs._fields) if name.startswith("grad_"))
-    return _LossOp(function, custom_op, outputs, len(names), slots, first_grad, rows,
+    return _LossOp(function, custom_op, outputs, len(names), len(row_dims), first_grad, rows,
                    names.index("grad_scale"), names.index("reduction"),
-                   names.index("needs_grad"), names.index("beta") if "beta" in names else None)
+                   names.index("needs_grad"), names.index("beta") if "beta" in names else None,
+                   row_dims)
 
 
-_ELBO = _loss_op("elbo", elbo_op, _elbo, ElboOutputs, slots=7)
-_IWAE = _loss_op("iwae", iwae_op, _iwae, IwaeOutputs, slots=9)
+_ELBO = _loss_op("elbo", elbo_op, _elbo, ElboOutputs, ROW_DIMS)
+_IWAE = _loss_op("iwae", iwae_op, _iwae, IwaeOutputs, IWAE_ROW_DIMS)
 # The logits are [S, B, ...]: the batch is the target's dim 0.
-_CATEGORICAL = _loss_op("categorical", categorical_op, _categorical, CategoricalOutputs, slots=1,
-                        rows=1)
+_CATEGORICAL = _loss_op("categorical", categorical_op, _categorical, CategoricalOutputs,
+                        CATEGORICAL_ROW_DIMS, rows=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,16 +360,19 @@ def _recomputed_grads(ctx, inputs, grad_loss):
 def _scaled_grads(ctx, saved, grad_loss):
     """The gradients formed in forward times the upstream gradient ``grad_loss``."""
     grads = [g if need else None for g, need in zip(saved, ctx.needs_input_grad[:ctx.spec.slots])]
+    rows = ctx.spec.row_dims
     if not ctx.eager:
-        return [None if g is None else _scaled(g, grad_loss, None) for g in grads]
+        return [None if g is None else _scaled(g, grad_loss, None, row)
+                for g, row in zip(grads, rows)]
     upstream = grad_loss.contiguous()
     if ctx.first_upstream is not None:  # a later backward through a retained graph
         first = _first_upstream(ctx)
-        return [None if g is None else _scaled(g, upstream, first) for g in grads]
+        return [None if g is None else _scaled(g, upstream, first, row)
+                for g, row in zip(grads, rows)]
     # The gradients are the loss's own buffers, not yet handed out: scale them in place. .data
     # has its own version counter, so retaining the graph does not trip autograd's check.
-    ctx.backend.scale_([_row_view(g.data, upstream) for g in grads if g is not None and g.numel()],
-                       upstream)
+    ctx.backend.scale_([_row_view(g.data, upstream, row) for g, row in zip(grads, rows)
+                        if g is not None and g.numel()], upstream)
     # Kept by reference (a copy would cost a kernel per step); its version tells a later
     # backward whether the caller changed it in place since.
     ctx.first_upstream = (upstream, upstream._version)
@@ -388,21 +394,24 @@ def _first_upstream(ctx) -> Tensor:
     return first
 
 
-def _row_view(grad: Tensor, upstream: Tensor) -> Tensor:
-    """``grad`` as ``scale_`` takes it: as it is for a 0-dim upstream, else ``[L, B, T]`` (a
-    gradient is ``[B, n]`` or ``[L, B, *n]``, see the backend contract)."""
+def _row_view(grad: Tensor, upstream: Tensor, row_dim: int) -> Tensor:
+    """``grad`` as ``scale_`` takes it: as it is for a 0-dim upstream, else ``[L, B, T]``
+    around its datapoint dim ``row_dim``."""
     if not upstream.dim():
         return grad
-    return grad.unsqueeze(0) if grad.dim() == 2 else grad.flatten(2)
+    row = row_dim % grad.dim()
+    shape = grad.shape
+    return grad.view(math.prod(shape[:row]), shape[row], math.prod(shape[row + 1:]))
 
 
-def _scaled(grad: Tensor, upstream: Tensor, previous: Optional[Tensor]) -> Tensor:
-    """A new tensor ``grad * upstream / previous``, per row for a ``[B]`` upstream."""
+def _scaled(grad: Tensor, upstream: Tensor, previous: Optional[Tensor], row_dim: int) -> Tensor:
+    """A new tensor ``grad * upstream / previous``, per row (along ``row_dim``) for a ``[B]``
+    upstream."""
     factor = upstream if previous is None else upstream / previous
     factor = factor.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-    if factor.dim():  # rows are dim 0 of a [B, n] gradient and dim 1 of an [L, B, *n] one
+    if factor.dim():
         shape = [1] * grad.dim()
-        shape[0 if grad.dim() == 2 else 1] = -1
+        shape[row_dim] = -1
         factor = factor.view(shape)
     return (grad * factor).to(grad.dtype)
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._common import Likelihood, Reduction, accumulation_dtype, reduce_rows
+from ._common import ROW_DIMS, Likelihood, Reduction, accumulation_dtype, reduce_rows
 from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
                           check_broadcasts_to, check_capacity, check_data, check_float_tensor,
                           check_latents, check_n_samples, check_positive, check_real,
@@ -193,9 +193,6 @@ def _gradients_wanted(inputs, row_dims, reduction):
 
 # Likelihoods whose data lies in [0, 1] (checked in the value-checking mode).
 _UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
-# The datapoint dim of each loss op input: the second-last of every one (x [B, D], x_hat
-# [(S,) B, D], θ right-aligned to x_hat, the latents [B, d]); a θ of fewer dims has none.
-_ROW_DIMS = (-2,) * 7
 
 
 def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction,
@@ -209,7 +206,7 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
     theta2 = None if theta is None else _grouped(theta, x_hat.shape, (1,) * lead + (x.dim() - 1,),
                                                  full_rank=False)
     inputs = (x2, x_hat2, theta2) + _flat_latents(*latents, _latent_dtype(*latents))
-    needs_grad = _gradients_wanted(inputs, _ROW_DIMS, reduction)
+    needs_grad = _gradients_wanted(inputs, ROW_DIMS, reduction)
     loss_dtype, device = accumulation_dtype(x, x_hat, theta, inputs[3]), x.device
     capacity = None if capacity is None else _beta_tensor(capacity, device, loss_dtype)
     return _ops.elbo(*inputs, _beta_tensor(beta, device, loss_dtype), capacity, None,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, mixture
-from ._common import Likelihood, Reduction, accumulation_dtype
+from ._common import IWAE_ROW_DIMS, Likelihood, Reduction, accumulation_dtype
 from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_data,
                           check_float_tensor, check_latents, check_n_samples, check_same_device,
                           check_values, checking_values, choice)
@@ -21,8 +21,6 @@ from .categorical import check_categorical, check_categorical_values, per_sample
 from .functional import (_UNIT_INTERVAL_DATA, _as, _flat_latents, _flattened,
                          _gradients_wanted, _grouped, _latent_dtype, _theta, reparameterize)
 from .mixture import GaussianMixture
-
-_ROW_DIMS = (0, 1, 1, 1, 0, 0, 0, 0, 1)  # the datapoint dim of each normalised op input
 
 
 class _DregTie(torch.autograd.Function):
@@ -147,7 +145,7 @@ def _bound(x, decoder, z, latents, tie, prior, likelihood, reduction, log_px=Non
         offsets.append(_mixture_offset(z, *latents[:2], prior, loss_dtype))
     offset = sum(offsets[1:], offsets[0]) if offsets else None
     inputs = (x2, x_hat3, theta3, z3) + _flat_latents(*latents, dtype) + (offset,)
-    needs_grad = _gradients_wanted(inputs, _ROW_DIMS, reduction)
+    needs_grad = _gradients_wanted(inputs, IWAE_ROW_DIMS, reduction)
     return _ops.iwae(*inputs, None, int(likelihood), float(theta_const), int(reduction),
                      tie is not None, needs_grad, device=x.device)
 

@@ -95,53 +95,75 @@ def _model_and_data(seed=0):
     return model, x
 
 
-def _fused_grads(model, x, samples, estimator, likelihood):
+def _row_weights(reduction, batch):
+    """How the bound's rows are weighed into the scalar that the gradients are taken of: None
+    for 'mean' (the loss itself); for 'none' a random [B] tensor, which reaches the bound op as
+    its upstream gradient."""
+    if reduction == "mean":
+        return None
+    return torch.randn(batch, generator=generator(12), dtype=torch.float64, device=TEST_DEVICE)
+
+
+def _weighed(loss, row_weights):
+    return loss if row_weights is None else (loss * row_weights).sum()
+
+
+def _fused_grads(model, x, samples, estimator, likelihood, row_weights=None):
     mu, logvar = model.encoder(x).chunk(2, -1)
     z = fastvae.reparameterize(mu, logvar, n_samples=samples, seed=11)
     tie = None
     decoder_input = z
     if estimator == "dreg":
         decoder_input, tie = fastvae.dreg(z)
-    loss = fastvae.iwae_loss(x, model.decoder(decoder_input), z, mu, logvar, likelihood=likelihood,
-                             dreg=tie)
+    loss = _weighed(fastvae.iwae_loss(
+        x, model.decoder(decoder_input), z, mu, logvar, likelihood=likelihood, dreg=tie,
+        reduction="mean" if row_weights is None else "none"), row_weights)
     return loss, torch.autograd.grad(loss, list(model.parameters())), z
 
 
-def _surrogate(log_w, z_fused, mu, logvar, encoder, decoder, estimator):
+def _surrogate(log_w, z_fused, mu, logvar, encoder, decoder, estimator, row_weights=None):
     """The bound's value and the estimator's gradients with respect to the parameter lists
     ``encoder`` and ``decoder`` (a learned prior's with the decoder's), from surrogate losses of
     plain PyTorch: IWAE differentiates the bound itself; DReG takes the encoder gradient of
     −Σ_s sg(w̃_s²) log w_s with q's parameters stopped, and the decoder gradient of the bound
     with z stopped (Tucker et al. 2018, eq. 7). ``log_w(z, mu, logvar)`` gives the [S, B] log
-    weights; z = mu + σ·ε carries the noise ε of the fused call's sample ``z_fused``."""
+    weights; z = mu + σ·ε carries the noise ε of the fused call's sample ``z_fused``. The rows
+    are averaged, or weighed by ``row_weights`` (see _row_weights)."""
     eps = ((z_fused - mu) * torch.exp(-0.5 * logvar)).detach()
     z = mu + torch.exp(0.5 * logvar) * eps
 
+    def reduce(rows):
+        return rows.mean() if row_weights is None else (rows * row_weights).sum()
+
     def negative_bound(weights):
-        return -(torch.logsumexp(weights, 0) - math.log(z.shape[0])).mean()
+        return reduce(-(torch.logsumexp(weights, 0) - math.log(z.shape[0])))
 
     loss = negative_bound(log_w(z, mu, logvar))
     if estimator == "iwae":
         return loss.detach(), torch.autograd.grad(loss, encoder + decoder)
     weights = log_w(z, mu.detach(), logvar.detach())
     tilde = torch.softmax(weights, 0).detach()
-    grads = torch.autograd.grad(-(tilde ** 2 * weights).sum(0).mean(), encoder)
+    grads = torch.autograd.grad(reduce(-(tilde ** 2 * weights).sum(0)), encoder)
     stopped = log_w(z.detach(), mu.detach(), logvar.detach())
     return loss.detach(), grads + torch.autograd.grad(negative_bound(stopped), decoder)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-def test_model_gradients_match_surrogate_losses(backend, estimator, likelihood):
+def test_model_gradients_match_surrogate_losses(backend, estimator, likelihood, reduction):
+    """With 'none', DReG's tie reaches the op as a log-weight offset of [S, B], whose gradient
+    is scaled along its last dim by the [B] upstream."""
     model, x = _model_and_data()
-    loss, got, z = _fused_grads(model, x, 5, estimator, likelihood)
+    row_weights = _row_weights(reduction, x.shape[0])
+    loss, got, z = _fused_grads(model, x, 5, estimator, likelihood, row_weights)
 
     def log_w(z, mu, logvar):
         return oracle.log_weights(x, model.decoder(z), z, mu, logvar, likelihood=likelihood)
 
     want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
                                  list(model.encoder.parameters()),
-                                 list(model.decoder.parameters()), estimator)
+                                 list(model.decoder.parameters()), estimator, row_weights)
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
@@ -399,12 +421,15 @@ def test_opcheck_iwae(backend, options):
 # ----------------------------------------------------------------------------------------------
 # a mixture-of-Gaussians prior in the bound
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
-def test_mixture_prior_matches_distributions(backend, estimator):
-    """log p(z) of a learned mixture in the log weights: the bound and the gradients of the
-    model and of the mixture's means, log-variances and logits against plain autograd."""
+def test_mixture_prior_matches_distributions(backend, estimator, reduction):
+    """log p(z) of a learned mixture in the log weights (an [S, B] offset to them): the bound
+    and the gradients of the model and of the mixture's means, log-variances and logits against
+    plain autograd."""
     from torch import distributions as dist
     model, x = _model_and_data(4)
+    row_weights = _row_weights(reduction, x.shape[0])
     g = generator(6)
     components, latent = 4, 3
     prior = fastvae.GaussianMixture(*(
@@ -413,8 +438,9 @@ def test_mixture_prior_matches_distributions(backend, estimator):
     mu, logvar = model.encoder(x).chunk(2, -1)
     z = fastvae.reparameterize(mu, logvar, n_samples=5, seed=3)
     decoder_input, tie = fastvae.dreg(z) if estimator == "dreg" else (z, None)
-    loss = fastvae.iwae_loss(x, model.decoder(decoder_input), z, mu, logvar,
-                             likelihood="bernoulli", prior=prior, dreg=tie)
+    loss = _weighed(fastvae.iwae_loss(x, model.decoder(decoder_input), z, mu, logvar,
+                                      likelihood="bernoulli", prior=prior, dreg=tie,
+                                      reduction=reduction), row_weights)
     parameters = [*model.parameters(), *prior]
     got = torch.autograd.grad(loss, parameters)
 
@@ -428,7 +454,7 @@ def test_mixture_prior_matches_distributions(backend, estimator):
 
     want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
                                  list(model.encoder.parameters()),
-                                 [*model.decoder.parameters(), *prior], estimator)
+                                 [*model.decoder.parameters(), *prior], estimator, row_weights)
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-8, atol=1e-11)
@@ -439,12 +465,14 @@ def F_bce(logits, x):
         logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("estimator", ["iwae", "dreg"])
 @pytest.mark.parametrize("class_dim", [-1, 1])
-def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim):
-    """The categorical likelihood's per-sample NLL in the log weights: the bound and the model
-    gradients against plain autograd with F.cross_entropy."""
+def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim, reduction):
+    """The categorical likelihood's per-sample NLL in the log weights (an [S, B] offset to
+    them): the bound and the model gradients against plain autograd with F.cross_entropy."""
     model, x = _model_and_data(5)
+    row_weights = _row_weights(reduction, x.shape[0])
     classes = 4
     decoder = torch.nn.Linear(3, 8 * classes).double().to(TEST_DEVICE)
     target = torch.randint(0, classes, (6, 8), generator=generator(8), device=TEST_DEVICE)
@@ -456,8 +484,9 @@ def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim):
     mu, logvar = model.encoder(x).chunk(2, -1)
     z = fastvae.reparameterize(mu, logvar, n_samples=3, seed=9)
     decoder_input, tie = fastvae.dreg(z) if estimator == "dreg" else (z, None)
-    loss = fastvae.iwae_loss(target, logits_of(decoder_input), z, mu, logvar,
-                             likelihood="categorical", class_dim=class_dim, dreg=tie)
+    loss = _weighed(fastvae.iwae_loss(target, logits_of(decoder_input), z, mu, logvar,
+                                      likelihood="categorical", class_dim=class_dim, dreg=tie,
+                                      reduction=reduction), row_weights)
     parameters = [*model.encoder.parameters(), *decoder.parameters()]
     got = torch.autograd.grad(loss, parameters)
 
@@ -471,7 +500,7 @@ def test_categorical_likelihood_in_the_bound(backend, estimator, class_dim):
 
     want_loss, want = _surrogate(log_w, z, *model.encoder(x).chunk(2, -1),
                                  list(model.encoder.parameters()), list(decoder.parameters()),
-                                 estimator)
+                                 estimator, row_weights)
     torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-11)

@@ -125,7 +125,8 @@ the validation, reshaping and broadcasting, so a backend only sees the shapes do
 ``scale_(grads, upstream)``
     Multiplies gradients formed with a unit upstream gradient by the actual one, in place.
     ``upstream`` is 0-dim, or ``[B]`` per-datapoint weights; then every grad is a ``[L, B, T]``
-    view (its rows in dim 1; the categorical gradient as ``[S, B, D·K]``). Each element becomes
+    view around its datapoint dim (``fastvae._common.ROW_DIMS`` and its kin): the categorical
+    gradient as ``[S, B, D·K]``, the log-weight offset's as ``[S, B, 1]``. Each element becomes
     ``g * upstream``, computed in float32 (float64 for float64 grads) and rounded once. Where
     ``upstream`` is 1 (per row for ``[B]``) nothing is written; kernels make that test on the
     device (no host sync).
