@@ -165,7 +165,8 @@ def _flat_latents(mu, logvar, prior_mu, prior_logvar, dtype):
     groups = (1, mu.dim() - 1)
     priors = [_grouped(_as(p if p is not None else zero, dtype), mu.shape, groups)
               for p in (prior_mu, prior_logvar)]
-    rows = max(p.shape[0] for p in priors)  # both per datapoint if either is
+    # Both per datapoint if either is (a per-datapoint prior has B rows, also for B = 0 or 1).
+    rows = 1 if all(p.shape[0] == 1 for p in priors) else mu2.shape[0]
     return (mu2, logvar2) + tuple(p.expand(rows, mu2.shape[1]).contiguous() for p in priors)
 
 

@@ -33,6 +33,25 @@ def test_empty_batch(backend):
     assert fastvae.reparameterize(mu, logvar, 3).shape == (3, 0, 5)
 
 
+@pytest.mark.parametrize("prior_logvar", [None, "shared"])
+def test_empty_batch_with_a_prior_per_datapoint(backend, prior_logvar):
+    """A prior with B = 0 rows, alone or beside one shared by the batch."""
+    mu = torch.empty(0, 5, requires_grad=True)
+    prior_mu = torch.empty(0, 5, requires_grad=True)
+    shared = torch.zeros(5, requires_grad=True) if prior_logvar else None
+    x = torch.empty(0, 3)
+    for reduction, shape in (("none", (0,)), ("sum", ()), ("mean", ())):
+        loss = fastvae.elbo_loss(x, x.clone(), mu, mu.detach(), prior_mu=prior_mu,
+                                 prior_logvar=shared, reduction=reduction)
+        assert loss.shape == shape
+        loss.sum().backward()
+    assert prior_mu.grad.shape == (0, 5)
+    if shared is not None:
+        assert torch.equal(shared.grad, torch.zeros(5))
+    kl = fastvae.gaussian_kl(mu, mu.detach(), prior_mu, shared)
+    assert kl.shape == (0,)
+
+
 def test_empty_event_and_latent(backend):
     mu = torch.randn(4, 3, requires_grad=True)
     x = torch.empty(4, 0)
