@@ -197,7 +197,8 @@ variable_list LossBackward::apply(variable_list&& grads) {
   std::move(slot_grads.begin(), slot_grads.end(), out.begin());
   if (layout->beta && should_compute_output(layout->slots)) {
     at::Tensor per_row = kl_term.unpack();
-    if (reduction == Reduction::kMean) per_row = per_row.mean();
+    // (an empty batch's dβ is 0, the sum over its no rows, not their mean's NaN)
+    if (reduction == Reduction::kMean && per_row.sym_numel() != 0) per_row = per_row.mean();
     out[layout->slots] = (upstream * per_row).sum();
   }
   return out;

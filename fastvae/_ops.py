@@ -336,7 +336,9 @@ def _loss_grad(ctx, grad_loss, *unused_grads):
         grads = _scaled_grads(ctx, saved, grad_loss)
     rest = [None] * (spec.arity - spec.slots)
     if spec.beta is not None and ctx.needs_input_grad[spec.beta]:
-        per_row = kl_term.mean() if ctx.reduction == Reduction.MEAN else kl_term
+        per_row = kl_term
+        if ctx.reduction == Reduction.MEAN and kl_term.numel():  # (an empty batch's dβ is 0)
+            per_row = kl_term.mean()
         rest[spec.beta - spec.slots] = (grad_loss * per_row).sum()
     return (*grads, *rest)
 

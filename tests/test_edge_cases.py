@@ -17,15 +17,17 @@ def test_empty_batch(backend):
     mu = torch.empty(0, 5, requires_grad=True)
     logvar = torch.empty(0, 5, requires_grad=True)
     x_logvar = torch.zeros(3, 4, requires_grad=True)
+    beta = torch.tensor(0.5, requires_grad=True)
     for reduction, shape in (("none", (0,)), ("sum", ()), ("mean", ())):
         loss = fastvae.elbo_loss(x, x_hat, mu, logvar, x_logvar=x_logvar, reduction=reduction,
-                                 free_bits=0.1)
+                                 free_bits=0.1, beta=beta)
         assert loss.shape == shape
         if reduction == "sum":
             assert loss.item() == 0.0
         loss.sum().backward()
     assert x_hat.grad.shape == x_hat.shape and mu.grad.shape == mu.shape
     assert torch.equal(x_logvar.grad, torch.zeros(3, 4))
+    assert beta.grad.item() == 0.0  # (the mean's is not NaN: no row contributes)
     assert fastvae.gaussian_kl(mu, logvar).shape == (0,)
     assert fastvae.gaussian_nll(x, x_hat).shape == (0,)
     assert fastvae.bernoulli_nll(x, x_hat[0]).shape == (0,)
