@@ -73,6 +73,8 @@ def check_broadcasts_to(name, value, shape, target_name):
 
 
 def check_real(name, value, minimum=None, strict=False):
+    """A finite real number (every float option: β, the capacity, free bits, a constant
+    scale), at least ``minimum`` (above it when ``strict``)."""
     # (a float is tested first: isinstance against the numbers ABCs is slow, and this runs on
     # every call)
     if type(value) is not float and (isinstance(value, bool)
@@ -80,6 +82,8 @@ def check_real(name, value, minimum=None, strict=False):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
@@ -109,8 +113,6 @@ def check_capacity(capacity):
                              "(pass capacity.detach())")
         return
     check_real("capacity", capacity, minimum=0.0)
-    if math.isinf(capacity):
-        raise ValueError(f"capacity must be finite, got {capacity}")
 
 
 def check_positive(name, value):
@@ -122,6 +124,11 @@ def check_positive(name, value):
             raise ValueError(f"{name} must be > 0 everywhere")
     else:
         check_real(name, value, minimum=0.0, strict=True)
+
+
+def check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def check_seed(seed):

@@ -13,9 +13,10 @@ from torch import Tensor
 from . import _ops
 from ._common import ROW_DIMS, Likelihood, Reduction, accumulation_dtype, reduce_rows
 from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
-                          check_broadcasts_to, check_capacity, check_data, check_float_tensor,
-                          check_latents, check_n_samples, check_positive, check_real,
-                          check_same_device, check_seed, check_values, checking_values, choice)
+                          check_broadcasts_to, check_capacity, check_data, check_flag,
+                          check_float_tensor, check_latents, check_n_samples, check_positive,
+                          check_real, check_same_device, check_seed, check_values,
+                          checking_values, choice)
 from .categorical import categorical_outputs, check_categorical, check_categorical_values
 
 
@@ -484,6 +485,7 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     """
     likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
+    check_flag("return_terms", return_terms)
     latents = (mu, logvar, prior_mu, prior_logvar)
     options = _KlOptions(beta, free_bits, capacity, prior, z)
     _check_kl_options(options, prior_mu, prior_logvar)
