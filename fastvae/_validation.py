@@ -143,13 +143,15 @@ def check_seed(seed):
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
-def check_n_samples(n_samples):
-    if n_samples is None:
+def check_count(name, value, optional=False):
+    """An int ≥ 1 (or None where ``optional``)."""
+    if value is None and optional:
         return
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-        raise TypeError(f"n_samples must be an int or None, got {type(n_samples).__name__}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        allowed = "an int or None" if optional else "an int"
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def check_data(x, x_hat, name_hat):

@@ -13,8 +13,8 @@ from torch import Tensor
 from . import _ops
 from ._common import ROW_DIMS, Likelihood, Reduction, accumulation_dtype, reduce_rows
 from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
-                          check_broadcasts_to, check_capacity, check_data, check_flag,
-                          check_float_tensor, check_latents, check_n_samples, check_positive,
+                          check_broadcasts_to, check_capacity, check_count, check_data,
+                          check_flag, check_float_tensor, check_latents, check_positive,
                           check_real, check_same_device, check_seed, check_values,
                           checking_values, choice)
 from .categorical import categorical_outputs, check_categorical, check_categorical_values
@@ -351,7 +351,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, n_samples: Optional[int] = None, 
     if mu.shape != logvar.shape:
         raise ValueError(f"mu and logvar must have the same shape, got {tuple(mu.shape)} and "
                          f"{tuple(logvar.shape)}")
-    check_n_samples(n_samples)
+    check_count("n_samples", n_samples, optional=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if seed is not None:

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import _ops, mixture
 from ._common import IWAE_ROW_DIMS, Likelihood, Reduction, accumulation_dtype
-from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_data,
-                          check_float_tensor, check_latents, check_n_samples, check_same_device,
+from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_count,
+                          check_data, check_float_tensor, check_latents, check_same_device,
                           check_values, checking_values, choice)
 from .categorical import check_categorical, check_categorical_values, per_sample_nll
 from .functional import (_UNIT_INTERVAL_DATA, _as, _flat_latents, _flattened,
@@ -212,7 +212,9 @@ def log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder: Callable[[Ten
                    generator: Optional[torch.Generator] = None, **likelihood_options) -> Tensor:
     """An estimate of log p(x) in nats per datapoint, ``[B]``: the importance-weighted bound
     with many samples (Burda et al. 2016 use S = 5000), evaluated in chunks of samples with a
-    running log-sum-exp, so at most ``chunk_size`` decoder outputs are held at once.
+    running log-sum-exp, so at most ``chunk_size`` decoder outputs are held at once (under
+    ``torch.no_grad()``, as for evaluation: with gradients enabled autograd keeps every chunk's
+    graph until backward).
 
     Args:
         x: data ``[B, *event]``; mu, logvar: q(z|x) as ``[B, *latent]``.
@@ -222,8 +224,8 @@ def log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder: Callable[[Ten
         likelihood_options: ``likelihood``, the decoder scale and the prior, as in
             :func:`iwae_loss` (a decoder scale must broadcast to ``[chunk, B, *event]``).
     """
-    check_n_samples(n_samples)
-    check_n_samples(chunk_size)
+    check_count("n_samples", n_samples)
+    check_count("chunk_size", chunk_size)
     check_latents(mu, logvar, None, None)
     total = None
     for start in range(0, n_samples, chunk_size):

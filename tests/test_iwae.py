@@ -343,6 +343,19 @@ def test_log_likelihood_exact_with_the_true_posterior(backend):
         torch.testing.assert_close(got, log_px, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(n_samples=0), ValueError, r"n_samples must be >= 1, got 0"),
+    (dict(n_samples=None), TypeError, r"n_samples must be an int, got NoneType"),
+    (dict(chunk_size=0), ValueError, r"chunk_size must be >= 1, got 0"),
+    (dict(chunk_size=2.5), TypeError, r"chunk_size must be an int, got float"),
+])
+def test_log_likelihood_refuses_bad_counts(backend, bad, error, match):
+    x, _, mean, covariance, decode, noise = _linear_gaussian(latent=1)
+    logvar = torch.log(covariance.diagonal()).expand_as(mean)
+    with pytest.raises(error, match=match):
+        fastvae.log_likelihood(x, mean, logvar, decode, sigma=noise, **bad)
+
+
 def test_log_likelihood_tightens_towards_log_px(backend):
     """With a diagonal q wider than the posterior, the ELBO (the mean log weight) stays a KL
     below log p(x) while the 4000-sample bound reaches it."""
