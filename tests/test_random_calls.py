@@ -41,9 +41,13 @@ class _Draw:
         kept = shape[len(shape) - self.choice.randint(0, len(shape)):]
         return tuple(size if self.choice.random() < 0.6 else 1 for size in kept)
 
-    def tensor(self, shape, scale=1.0, shift=0.0, uniform=False):
+    def tensor(self, shape, scale=1.0, shift=0.0, uniform=False, positive=False):
+        """Normal values (times ``scale``, plus ``shift``); uniform in [0, 1); or with
+        ``positive`` the exponential of the normal ones."""
         values = (torch.rand(shape, generator=self.tensors, dtype=torch.float64) if uniform else
                   torch.randn(shape, generator=self.tensors, dtype=torch.float64) * scale + shift)
+        if positive:
+            values = values.exp()
         if values.dim() >= 2 and self.choice.random() < 0.3:  # the same values, strided
             values = values.transpose(0, -1).contiguous().transpose(0, -1)
         return values.requires_grad_(self.choice.random() < self.grad)
@@ -61,7 +65,7 @@ def _decoder_scale(draw, likelihood, hat_shape):
         return {SCALE_KEYWORD[likelihood]: draw.choice.uniform(0.3, 2.0)}
     shape = draw.broadcast_shape(hat_shape)
     if form == "tensor":
-        return {SCALE_KEYWORD[likelihood]: draw.tensor(shape, 0.3, 1.0)}
+        return {SCALE_KEYWORD[likelihood]: draw.tensor(shape, 0.3, positive=True)}
     return {LOG_SCALE_KEYWORD[likelihood]: draw.tensor(shape, 0.5)} if form == "log" else {}
 
 
