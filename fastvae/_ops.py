@@ -275,7 +275,6 @@ class _LossOp(NamedTuple):
     custom_op: object    # the torch.library op, for tracing
     outputs: type        # the NamedTuple of the outputs
     arity: int           # op arguments, the backend included
-    slots: int           # differentiable tensors
     first_grad: int      # output index of gradient slot 0
     rows: int            # argument index of a tensor whose dim 0 is the batch
     grad_scale: int      # argument indices
@@ -284,11 +283,16 @@ class _LossOp(NamedTuple):
     beta: Optional[int]  # argument index of a differentiable KL weight (the ELBO's β)
     row_dims: tuple      # per slot, the datapoint dim of its gradient (fastvae._common)
 
+    @property
+    def slots(self) -> int:
+        """The differentiable tensors: one row dim each."""
+        return len(self.row_dims)
+
 
 def _loss_op(function, custom_op, implementation, outputs, row_dims, rows=0) -> _LossOp:
     names = list(inspect.signature(implementation).parameters)
     first_grad = next(i for i, name in enumerate(outputs._fields) if name.startswith("grad_"))
-    return _LossOp(function, custom_op, outputs, len(names), len(row_dims), first_grad, rows,
+    return _LossOp(function, custom_op, outputs, len(names), first_grad, rows,
                    names.index("grad_scale"), names.index("reduction"),
                    names.index("needs_grad"), names.index("beta") if "beta" in names else None,
                    row_dims)
@@ -364,13 +368,10 @@ def _scaled_grads(ctx, saved, grad_loss):
     grads = [g if need else None for g, need in zip(saved, ctx.needs_input_grad[:ctx.spec.slots])]
     rows = ctx.spec.row_dims
     if not ctx.eager:
-        return [None if g is None else _scaled(g, grad_loss, None, row)
-                for g, row in zip(grads, rows)]
+        return _scaled_copies(grads, rows, grad_loss, None)
     upstream = grad_loss.contiguous()
     if ctx.first_upstream is not None:  # a later backward through a retained graph
-        first = _first_upstream(ctx)
-        return [None if g is None else _scaled(g, upstream, first, row)
-                for g, row in zip(grads, rows)]
+        return _scaled_copies(grads, rows, upstream, _first_upstream(ctx))
     # The gradients are the loss's own buffers, not yet handed out: scale them in place. .data
     # has its own version counter, so retaining the graph does not trip autograd's check.
     ctx.backend.scale_([_row_view(g.data, upstream, row) for g, row in zip(grads, rows)
@@ -404,6 +405,12 @@ def _row_view(grad: Tensor, upstream: Tensor, row_dim: int) -> Tensor:
     row = row_dim % grad.dim()
     shape = grad.shape
     return grad.view(math.prod(shape[:row]), shape[row], math.prod(shape[row + 1:]))
+
+
+def _scaled_copies(grads, row_dims, upstream: Tensor, previous: Optional[Tensor]) -> list:
+    """Each gradient (None stays None) as a new tensor scaled by :func:`_scaled`."""
+    return [None if g is None else _scaled(g, upstream, previous, row)
+            for g, row in zip(grads, row_dims)]
 
 
 def _scaled(grad: Tensor, upstream: Tensor, previous: Optional[Tensor], row_dim: int) -> Tensor:
