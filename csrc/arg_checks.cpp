@@ -54,6 +54,10 @@ std::vector<int64_t> sample_shape(const at::Tensor& mu, int64_t n_samples) {
   return shape;
 }
 
+at::Tensor gradient_output(bool needed, const at::Tensor& input, const at::TensorOptions& absent) {
+  return needed ? at::empty(input.sizes(), input.options()) : at::empty({0}, absent);
+}
+
 template <size_t N>
 std::array<at::Tensor, N> allocate_gradients(const std::array<const at::Tensor*, N>& inputs,
                                              const std::array<bool, N>& needs, const at::Tensor& x,
@@ -61,7 +65,7 @@ std::array<at::Tensor, N> allocate_gradients(const std::array<const at::Tensor*,
                                              BroadcastSlots broadcast) {
   std::array<at::Tensor, N> grads;
   for (size_t slot = 0; slot < N; ++slot) {
-    grads[slot] = needs[slot] ? at::empty_like(*inputs[slot]) : at::empty({0}, x.options());
+    grads[slot] = gradient_output(needs[slot], *inputs[slot], x.options());
   }
   const auto zero = [&](int slot) {
     if (needs[slot]) grads[slot].zero_();

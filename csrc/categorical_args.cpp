@@ -6,6 +6,8 @@
 
 #include <algorithm>
 
+#include "arg_checks.h"
+
 namespace fastvae {
 namespace {
 
@@ -77,7 +79,7 @@ CategoricalOutputs allocate_categorical_outputs(const CategoricalArgs& args) {
   return {args.reduction == Reduction::kNone ? at::empty({args.batch}, options)
                                              : at::empty({}, options),
           at::empty({args.batch}, options),
-          args.needs_grad ? at::empty_like(*args.logits) : at::empty({0}, args.logits->options())};
+          gradient_output(args.needs_grad, *args.logits, args.logits->options())};
 }
 
 }  // namespace fastvae

@@ -8,6 +8,8 @@
 
 #include <limits>
 
+#include "arg_checks.h"
+
 namespace fastvae {
 namespace {
 
@@ -92,7 +94,7 @@ std::array<at::Tensor, 6> allocate_mixture_grads(const MixtureArgs& args,
                                                    args.means, args.logvars, args.logits};
   std::array<at::Tensor, 6> grads;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    grads[i] = needs[i] ? at::empty_like(*inputs[i]) : at::empty({0}, args.z->options());
+    grads[i] = gradient_output(needs[i], *inputs[i], args.z->options());
   }
   if (args.samples == 0) {
     for (const int i : {1, 2}) grads[i].zero_();

@@ -463,6 +463,16 @@ def elbo(*args, device: torch.device) -> ElboOutputs:
     return _run(_ELBO, args, device)
 
 
+def elbo_loss(*args, device: torch.device) -> Tensor:
+    """``elbo(*args, device=device).loss`` for an eager call: the backend's own ``elbo_loss``
+    where it has one, which makes no Python objects of the other ten outputs."""
+    backend = backends.implementation(device)[1]
+    loss_only = getattr(backend, "elbo_loss", None)
+    if loss_only is not None and not torch.compiler.is_compiling():
+        return loss_only(*args)
+    return elbo(*args, device=device).loss
+
+
 def iwae(*args, device: torch.device) -> IwaeOutputs:
     """The importance-weighted bound op on the backend for ``device``; ``args`` are the op's
     (without backend)."""

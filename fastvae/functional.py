@@ -9,10 +9,11 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._device import DeviceContext
 
 from . import _ops
 from ._common import ROW_DIMS, Likelihood, Reduction, accumulation_dtype, reduce_rows
-from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, REDUCTIONS, check_beta,
+from ._validation import (CATEGORICAL, ELBO_LIKELIHOODS, LIKELIHOODS, REDUCTIONS, check_beta,
                           check_broadcasts_to, check_capacity, check_count, check_data,
                           check_flag, check_float_tensor, check_latents, check_positive,
                           check_real, check_same_device, check_seed, check_values,
@@ -300,6 +301,89 @@ def _categorical_elbo(target, logits, latents, options, class_dim, scales, reduc
                      reduce_rows(kl, reduction).detach())
 
 
+def _common_options(likelihood, x_logvar, x_logscale, beta, free_bits, reduction):
+    """``(likelihood, reduction, θ)`` of elbo_loss's common options, else None: a likelihood
+    with a θ tensor of its own or none, a float β and free bits, finite and ≥ 0."""
+    if type(likelihood) is not str or type(reduction) is not str:
+        return None
+    kind, reduction = LIKELIHOODS.get(likelihood), REDUCTIONS.get(reduction)
+    if kind is None or reduction is None or type(beta) is not float \
+            or type(free_bits) is not float or not (0.0 <= beta < math.inf
+                                                    and 0.0 <= free_bits < math.inf):
+        return None
+    own = _THETA_ARGUMENTS[kind][0] if kind in _THETA_ARGUMENTS else None
+    theta, other = (x_logvar, x_logscale) if own == "x_logvar" else (x_logscale, x_logvar)
+    if other is not None or (own is None and theta is not None):
+        return None
+    return kind, reduction, theta
+
+
+def _plain_tensors(x, x_hat, theta, mu, logvar) -> bool:
+    """Whether every tensor is a ``torch.Tensor`` itself (not a subclass) with a floating dtype
+    (θ may be None)."""
+    return (type(x) is Tensor and type(x_hat) is Tensor and type(mu) is Tensor
+            and type(logvar) is Tensor and (theta is None or type(theta) is Tensor)
+            and x.is_floating_point() and x_hat.is_floating_point() and mu.is_floating_point()
+            and logvar.is_floating_point() and (theta is None or theta.is_floating_point()))
+
+
+def _common_device(x, x_hat, theta, mu, logvar) -> Optional[torch.device]:
+    """The device of tensors in the common form, else None. Common: plain floating tensors
+    (:func:`_plain_tensors`) on one device; x, x_hat and θ (or no θ) of one shape ``[B, *event]``
+    (no sample dim, no broadcast); the latents of one shape ``[B, *latent]`` and dtype."""
+    if not _plain_tensors(x, x_hat, theta, mu, logvar):
+        return None
+    device, shape = x.device, x.shape
+    if len(shape) < 2 or x_hat.shape != shape or (theta is not None and theta.shape != shape):
+        return None
+    if mu.dim() < 2 or logvar.shape != mu.shape or mu.shape[0] != shape[0] \
+            or logvar.dtype != mu.dtype:
+        return None
+    if x_hat.device != device or mu.device != device or logvar.device != device \
+            or (theta is not None and theta.device != device):
+        return None
+    return device
+
+
+def _function_mode_active() -> bool:
+    """Whether a torch function mode is active that must see the op, which the short path's
+    binding would hide from it: any but a default device (``with torch.device(...)``), which
+    only places new tensors."""
+    if not torch.overrides._is_torch_function_mode_enabled():
+        return False
+    modes = torch.overrides._get_current_function_mode_stack()
+    return not all(isinstance(mode, DeviceContext) for mode in modes)
+
+
+def _common_loss(x, x_hat, mu, logvar, likelihood, x_logvar, x_logscale, beta, free_bits,
+                 reduction):
+    """elbo_loss's loss for a call in the common form (no option beyond the likelihood, θ,
+    float β and free bits and the reduction, and tensors as :func:`_common_device` says), else
+    None. Such a call is valid, and gets the op arguments the general path would give it (2-D
+    tensors need no view), after a few attribute reads instead of the general path's hundred
+    Python calls (the host cost per call is a benchmark: ``python -m bench.overhead``). Traced
+    calls, calls under a torch function mode (which must see the op) and the value-checking
+    mode take the general path."""
+    options = _common_options(likelihood, x_logvar, x_logscale, beta, free_bits, reduction)
+    if options is None or torch.compiler.is_compiling() or checking_values() \
+            or _function_mode_active():
+        return None
+    kind, reduction, theta = options
+    device = _common_device(x, x_hat, theta, mu, logvar)
+    if device is None:
+        return None
+    grad = torch.is_grad_enabled()
+    x, x_hat, mu, logvar = (_flattened(x, 1), _flattened(x_hat, 1), _flattened(mu, 1),
+                            _flattened(logvar, 1))
+    theta = None if theta is None else _flattened(theta, 1)
+    needs_grad = [grad and x.requires_grad, grad and x_hat.requires_grad,
+                  grad and theta is not None and theta.requires_grad, grad and mu.requires_grad,
+                  grad and logvar.requires_grad, False, False]
+    beta = _constant(beta, accumulation_dtype(x, x_hat, theta, mu), device)
+    return _ops.elbo_loss(x, x_hat, theta, mu, logvar, None, None, beta, None, None, int(kind),
+                          0.0, free_bits, int(reduction), needs_grad, device=device)
+
+
 def _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, return_terms):
     """elbo_loss with a per-element likelihood: one fused op, or with a mixture prior the
     fused NLL plus the mixture's KL."""
@@ -483,6 +567,13 @@ def elbo_loss(x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, *,
     Returns:
         The loss (float32; float64 for float64 inputs), or :class:`ELBOTerms`.
     """
+    if (return_terms is False and sigma is None and scale is None and prior_mu is None
+            and prior_logvar is None and capacity is None and prior is None and z is None
+            and class_dim is None):
+        loss = _common_loss(x, x_hat, mu, logvar, likelihood, x_logvar, x_logscale, beta,
+                            free_bits, reduction)
+        if loss is not None:
+            return loss
     likelihood = choice("likelihood", likelihood, ELBO_LIKELIHOODS)
     reduction = choice("reduction", reduction, REDUCTIONS)
     check_flag("return_terms", return_terms)

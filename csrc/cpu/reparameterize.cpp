@@ -222,10 +222,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cpu(
               "fastvae_native: grad_z must have n_samples * logvar.numel() elements, got ",
               grad_z.numel(), " for n_samples=", n_samples, " and logvar ", logvar.sizes());
   const uint64_t seed_value = read_seed(seed);
-  const auto make = [&](bool needed) {
-    return needed ? at::empty_like(logvar) : at::empty({0}, logvar.options());
-  };
-  at::Tensor grad_mu = make(need_mu), grad_logvar = make(need_logvar);
+  at::Tensor grad_mu = gradient_output(need_mu, logvar, logvar.options());
+  at::Tensor grad_logvar = gradient_output(need_logvar, logvar, logvar.options());
   at::Tensor mu_target = need_mu ? grad_mu : at::Tensor();
   at::Tensor logvar_target = need_logvar ? grad_logvar : at::Tensor();
   if (logvar.scalar_type() == at::kDouble) {

@@ -131,10 +131,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_cuda(
   check_cuda_input("logvar", logvar, logvar.device());
   check_seed(seed, logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
-  const auto make = [&](bool needed) {
-    return needed ? at::empty_like(logvar) : at::empty({0}, logvar.options());
-  };
-  at::Tensor grad_mu = make(need_mu), grad_logvar = make(need_logvar);
+  at::Tensor grad_mu = gradient_output(need_mu, logvar, logvar.options());
+  at::Tensor grad_logvar = gradient_output(need_logvar, logvar, logvar.options());
   if (logvar.numel() == 0) return {grad_mu, grad_logvar};
   const Buffer mu_target = need_mu ? buffer_of(grad_mu) : Buffer{};
   const Buffer logvar_target = need_logvar ? buffer_of(grad_logvar) : Buffer{};

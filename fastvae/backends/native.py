@@ -28,6 +28,9 @@ scale_ = _ops.scale_.default
 mixture_log_ratio = _ops.mixture_log_ratio.default
 mixture_log_ratio_backward = _ops.mixture_log_ratio_backward.default
 categorical = _ops.categorical.default
+# The elbo op returning its loss alone (the op itself, called through a binding that wraps one
+# output instead of eleven: fastvae._ops.elbo_loss).
+elbo_loss = _C.elbo_loss
 
 # Shapes only, for torch.compile and opcheck on the native ops themselves.
 torch.library.register_fake("fastvae_native::reparameterize", _shapes.reparameterize)

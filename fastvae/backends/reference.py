@@ -6,6 +6,8 @@ device types it runs on), ``RECORDS_AUTOGRAD`` (whether its ``elbo``, ``iwae``,
 node, by the rules of ``fastvae._ops``; where they do not, ``fastvae._ops`` wraps them) and the
 same functions with the same normalised arguments; the public API in ``functional.py`` does
 the validation, reshaping and broadcasting, so a backend only sees the shapes documented here.
+A backend may also expose ``elbo_loss``: ``elbo``'s loss alone, for eager calls (the native
+backend's avoids making Python objects of the other outputs).
 
 ``reparameterize_forward(mu, logvar, seed, n_samples) -> z``
     ``mu``, ``logvar``: contiguous, of one shape (any; K elements) and dtype. ``seed``: int64
