@@ -28,6 +28,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.utils._device import DeviceContext
 
 from . import _shapes, backends
 from ._common import CATEGORICAL_ROW_DIMS, IWAE_ROW_DIMS, ROW_DIMS, Reduction
@@ -464,13 +465,24 @@ def elbo(*args, device: torch.device) -> ElboOutputs:
 
 
 def elbo_loss(*args, device: torch.device) -> Tensor:
-    """``elbo(*args, device=device).loss`` for an eager call: the backend's own ``elbo_loss``
-    where it has one, which makes no Python objects of the other ten outputs."""
+    """``elbo(*args, device=device).loss``: in an eager call the backend's own ``elbo_loss``
+    where it has one, which makes no Python objects of the other ten outputs. (That binding
+    bypasses torch function handling, so under a torch function mode, which must see the op,
+    the op is called as usual.)"""
     backend = backends.implementation(device)[1]
     loss_only = getattr(backend, "elbo_loss", None)
-    if loss_only is not None and not torch.compiler.is_compiling():
-        return loss_only(*args)
-    return elbo(*args, device=device).loss
+    if loss_only is None or torch.compiler.is_compiling() or _function_mode_active():
+        return elbo(*args, device=device).loss
+    return loss_only(*args)
+
+
+def _function_mode_active() -> bool:
+    """Whether a torch function mode is active other than a default device (``with
+    torch.device(...)``, which only places new tensors)."""
+    if not torch.overrides._is_torch_function_mode_enabled():
+        return False
+    modes = torch.overrides._get_current_function_mode_stack()
+    return not all(isinstance(mode, DeviceContext) for mode in modes)
 
 
 def iwae(*args, device: torch.device) -> IwaeOutputs:

@@ -9,7 +9,6 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.utils._device import DeviceContext
 
 from . import _ops
 from ._common import ROW_DIMS, Likelihood, Reduction, accumulation_dtype, reduce_rows
@@ -199,11 +198,12 @@ _UNIT_INTERVAL_DATA = (Likelihood.BERNOULLI, Likelihood.CONTINUOUS_BERNOULLI)
 
 
 def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, reduction,
-           capacity=None):
+           capacity=None, loss_only=False):
     """Normalise shapes and run the loss op. ``x_hat`` is ``x``'s shape or ``[S, *x.shape]``,
     ``latents`` the four tensors (mu, logvar, prior_mu, prior_logvar) as given. Returns the
-    op's outputs. The op takes one sample without its S dim and θ without its leading size-1
-    dims, so a 2-D call makes no view."""
+    op's outputs, or with ``loss_only`` its loss alone (see ``_ops.elbo_loss``). The op takes
+    one sample without its S dim and θ without its leading size-1 dims, so a 2-D call makes no
+    view."""
     lead = x_hat.dim() - x.dim() + 1  # the dims before the event: (S,) B
     x2, x_hat2 = _flattened(x, 1), _flattened(x_hat, lead)
     theta2 = None if theta is None else _grouped(theta, x_hat.shape, (1,) * lead + (x.dim() - 1,),
@@ -212,15 +212,15 @@ def _fused(x, x_hat, theta, theta_const, latents, beta, free_bits, likelihood, r
     needs_grad = _gradients_wanted(inputs, ROW_DIMS, reduction)
     loss_dtype, device = accumulation_dtype(x, x_hat, theta, inputs[3]), x.device
     capacity = None if capacity is None else _beta_tensor(capacity, device, loss_dtype)
-    return _ops.elbo(*inputs, _beta_tensor(beta, device, loss_dtype), capacity, None,
-                     int(likelihood), float(theta_const), float(free_bits), int(reduction),
-                     needs_grad, device=device)
+    run = _ops.elbo_loss if loss_only else _ops.elbo
+    return run(*inputs, _beta_tensor(beta, device, loss_dtype), capacity, None, int(likelihood),
+               float(theta_const), float(free_bits), int(reduction), needs_grad, device=device)
 
 
 def _nll(x, x_hat, theta, theta_const, likelihood, reduction):
     latent = x.new_empty(x.shape[0], 0)
     return _fused(x, x_hat, theta, theta_const, (latent, latent, None, None), 1.0, 0.0,
-                  likelihood, reduction).loss
+                  likelihood, reduction, loss_only=True)
 
 
 def _logits_nll(x, logits, likelihood, reduction):
@@ -345,16 +345,6 @@ def _common_device(x, x_hat, theta, mu, logvar) -> Optional[torch.device]:
     return device
 
 
-def _function_mode_active() -> bool:
-    """Whether a torch function mode is active that must see the op, which the short path's
-    binding would hide from it: any but a default device (``with torch.device(...)``), which
-    only places new tensors."""
-    if not torch.overrides._is_torch_function_mode_enabled():
-        return False
-    modes = torch.overrides._get_current_function_mode_stack()
-    return not all(isinstance(mode, DeviceContext) for mode in modes)
-
-
 def _common_loss(x, x_hat, mu, logvar, likelihood, x_logvar, x_logscale, beta, free_bits,
                  reduction):
     """elbo_loss's loss for a call in the common form (no option beyond the likelihood, θ,
@@ -362,11 +352,9 @@ def _common_loss(x, x_hat, mu, logvar, likelihood, x_logvar, x_logscale, beta, f
     None. Such a call is valid, and gets the op arguments the general path would give it (2-D
     tensors need no view), after a few attribute reads instead of the general path's hundred
     Python calls (the host cost per call is a benchmark: ``python -m bench.overhead``). Traced
-    calls, calls under a torch function mode (which must see the op) and the value-checking
-    mode take the general path."""
+    calls and the value-checking mode take the general path."""
     options = _common_options(likelihood, x_logvar, x_logscale, beta, free_bits, reduction)
-    if options is None or torch.compiler.is_compiling() or checking_values() \
-            or _function_mode_active():
+    if options is None or torch.compiler.is_compiling() or checking_values():
         return None
     kind, reduction, theta = options
     device = _common_device(x, x_hat, theta, mu, logvar)
@@ -405,10 +393,11 @@ def _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, ret
         kl_loss, kl = _kl_part(latents, options, reduction, x)
         terms = ELBOTerms(nll + kl_loss, nll.detach(), reduce_rows(kl, reduction).detach())
         return terms if return_terms else terms.loss
-    out = _fused(x, x_hat, theta, const, latents, options.beta, options.free_bits, likelihood,
+    arguments = (x, x_hat, theta, const, latents, options.beta, options.free_bits, likelihood,
                  reduction, options.capacity)
     if not return_terms:
-        return out.loss
+        return _fused(*arguments, loss_only=True)
+    out = _fused(*arguments)
     return ELBOTerms(out.loss, reduce_rows(out.nll, reduction).detach(),
                      reduce_rows(out.kl, reduction).detach())
 
@@ -468,7 +457,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor] = None,
         check_values(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     empty = mu.new_empty(mu.shape[0], 0)
     return _fused(empty, empty, None, 0.0, (mu, logvar, prior_mu, prior_logvar),
-                  1.0, 0.0, Likelihood.GAUSSIAN, Reduction.NONE).loss
+                  1.0, 0.0, Likelihood.GAUSSIAN, Reduction.NONE, loss_only=True)
 
 
 def gaussian_nll(x: Tensor, mean: Tensor, logvar: Optional[Tensor] = None, *, sigma=None,
