@@ -137,8 +137,8 @@ ElboTuple elbo_op(const at::Tensor& x, const at::Tensor& x_hat,
   return out.as_tuple();
 }
 
-// The op's C++ signature, for typed calls through the dispatcher (one device's kernel stands in:
-// the signature is the same for all).
+// The op's C++ signature, for typed calls through the dispatcher (the template argument, a
+// device's implementation, does not change it).
 using ElboSignature = decltype(elbo_op<nullptr>);
 
 }  // namespace fastvae
