@@ -65,8 +65,8 @@ def short_path_calls(monkeypatch):
     return taken
 
 
-@pytest.mark.parametrize("likelihood,reduction,dtype", itertools.product(
-    LIKELIHOODS, ("none", "mean", "sum"), DTYPES))
+@pytest.mark.parametrize("likelihood,reduction,dtype", list(itertools.product(
+    LIKELIHOODS, ("none", "mean", "sum"), DTYPES)))
 @pytest.mark.parametrize("batch,strided,event", [(3, False, (5,)), (4, True, (5,)),
                                                 (0, False, (5,)), (2, True, (2, 3, 2))])
 def test_common_call_equals_the_general_path(backend, short_path_calls, likelihood, reduction,
