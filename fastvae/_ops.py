@@ -469,10 +469,10 @@ def elbo_loss(*args, device: torch.device) -> Tensor:
     where it has one, which makes no Python objects of the other ten outputs. (That binding
     bypasses torch function handling, so under a torch function mode, which must see the op,
     the op is called as usual.)"""
+    loss_only = None
     # (tested first: a traced call must not reach the backend lookup, which imports on a miss)
-    if torch.compiler.is_compiling() or _function_mode_active():
-        return elbo(*args, device=device).loss
-    loss_only = getattr(backends.implementation(device)[1], "elbo_loss", None)
+    if not (torch.compiler.is_compiling() or _function_mode_active()):
+        loss_only = getattr(backends.implementation(device)[1], "elbo_loss", None)
     return elbo(*args, device=device).loss if loss_only is None else loss_only(*args)
 
 

@@ -360,16 +360,13 @@ def _common_loss(x, x_hat, mu, logvar, likelihood, x_logvar, x_logscale, beta, f
     device = _common_device(x, x_hat, theta, mu, logvar)
     if device is None:
         return None
-    grad = torch.is_grad_enabled()
-    x, x_hat, mu, logvar = (_flattened(x, 1), _flattened(x_hat, 1), _flattened(mu, 1),
-                            _flattened(logvar, 1))
-    theta = None if theta is None else _flattened(theta, 1)
-    needs_grad = [grad and x.requires_grad, grad and x_hat.requires_grad,
-                  grad and theta is not None and theta.requires_grad, grad and mu.requires_grad,
-                  grad and logvar.requires_grad, False, False]
+    inputs = (_flattened(x, 1), _flattened(x_hat, 1),
+              None if theta is None else _flattened(theta, 1), _flattened(mu, 1),
+              _flattened(logvar, 1), None, None)
+    needs_grad = _gradients_wanted(inputs, ROW_DIMS, reduction)
     beta = _constant(beta, accumulation_dtype(x, x_hat, theta, mu), device)
-    return _ops.elbo_loss(x, x_hat, theta, mu, logvar, None, None, beta, None, None, int(kind),
-                          0.0, free_bits, int(reduction), needs_grad, device=device)
+    return _ops.elbo_loss(*inputs, beta, None, None, int(kind), 0.0, free_bits, int(reduction),
+                          needs_grad, device=device)
 
 
 def _decoder_elbo(x, x_hat, latents, options, likelihood, scales, reduction, return_terms):
